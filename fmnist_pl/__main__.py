@@ -1,0 +1,3 @@
+from fmnist_pl.cli import main
+
+main()

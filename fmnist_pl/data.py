@@ -1,0 +1,409 @@
+"""Fashion-MNIST: find the IDX files, verify them, decode once into tensors, serve batches from memory."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from fmnist_pl.errors import ConfigError, DataError
+from fmnist_pl.io import atomic_write
+
+CLASS_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+IMAGE_SIZE = 28
+DATA_DIR_ENV = "FMNIST_DATA_DIR"
+# Debian's `dataset-fashion-mnist` package installs the official files here.
+KNOWN_LOCAL_COPIES = (Path("/usr/share/datasets/fashion-mnist"),)
+
+# file stem -> (split, kind, image count of the official release, SHA-256 of the *decompressed* bytes).
+# Content hashes rather than the .gz MD5s: re-gzipped copies (Debian's, for one) hold the same bytes
+# in a different .gz wrapper, and it is the bytes that must be right.
+OFFICIAL_FILES = {
+    "train-images-idx3-ubyte": ("train", "images", 60_000, "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+    "train-labels-idx1-ubyte": ("train", "labels", 60_000, "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+    "t10k-images-idx3-ubyte": ("test", "images", 10_000, "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+    "t10k-labels-idx1-ubyte": ("test", "labels", 10_000, "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+}  # fmt: skip
+IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # uint8 data, 3 resp. 1 dimensions
+CACHE_FORMAT = 1  # bump when the cached tensors' layout changes
+
+# The whole dataset lives in memory and batches are tensor slices, so worker processes would only add
+# start-up time and copies; Lightning's advice to add workers does not apply here.
+warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+# ShardedBatches' __len__ is exact: it runs in the main process and shards by rank itself.
+warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
+
+
+def default_cache_dir() -> Path:
+    """Where decoded tensors and downloads go: $XDG_CACHE_HOME/fmnist_pl (~/.cache/fmnist_pl)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fmnist_pl"
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The decompressed bytes of `path`, gzip'd or not."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut-off .gz raises EOFError
+        raise DataError(f"{path}: cannot be read ({e}); the file is truncated or corrupt, copy or download it again") from e
+
+
+def read_idx(path: Path, kind: str, data: bytes | None = None) -> np.ndarray:
+    """Parse and check one IDX file of `kind` 'images' (N×28×28 uint8) or 'labels' (N uint8, 0–9).
+
+    `data`, when given, is the file's already decompressed content.
+    """
+    data = _read_bytes(path) if data is None else data
+    header_len = 16 if kind == "images" else 8
+    if len(data) < header_len:
+        raise DataError(f"{path}: only {len(data)} bytes, too short to be an IDX {kind} file; copy or download it again")
+    magic, count = np.frombuffer(data[:8], dtype=">u4")
+    if magic != IDX_MAGIC[kind]:
+        raise DataError(
+            f"{path}: magic number {magic:#010x} is not that of an IDX {kind} file ({IDX_MAGIC[kind]:#010x}); "
+            "is it the right file?"
+        )
+    if kind == "images":
+        rows, cols = np.frombuffer(data[8:16], dtype=">u4")
+        if (rows, cols) != (IMAGE_SIZE, IMAGE_SIZE):
+            raise DataError(f"{path}: images are {rows}×{cols}, Fashion-MNIST images are 28×28")
+    item_size = IMAGE_SIZE * IMAGE_SIZE if kind == "images" else 1
+    expected = header_len + int(count) * item_size
+    if len(data) != expected:
+        raise DataError(
+            f"{path}: header says {count} {kind} ({expected} bytes) but the file holds {len(data)} bytes; "
+            "it is truncated or corrupt, copy or download it again"
+        )
+    array = np.frombuffer(data, dtype=np.uint8, offset=header_len)
+    if kind == "images":
+        return array.reshape(int(count), IMAGE_SIZE, IMAGE_SIZE)
+    if array.size and array.max() > 9:
+        raise DataError(f"{path}: holds label {array.max()}, Fashion-MNIST labels are 0–9")
+    return array
+
+
+def _file_in(directory: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _complete(directory: Path) -> bool:
+    return all(_file_in(directory, stem) for stem in OFFICIAL_FILES)
+
+
+def _download(root: Path) -> Path:
+    """Fetch the official files through torchvision (which checks their MD5s); return the folder holding them."""
+    from torchvision.datasets import FashionMNIST
+
+    try:
+        for train in (True, False):
+            FashionMNIST(root=str(root), train=train, download=True)
+    except Exception as e:  # network errors come in many types; all mean the same to the user
+        raise DataError(
+            f"could not download Fashion-MNIST ({type(e).__name__}: {e}); point --data.data_dir or ${DATA_DIR_ENV} "
+            "at a folder with the four IDX files, or install Debian's dataset-fashion-mnist package"
+        ) from e
+    return root / "FashionMNIST" / "raw"
+
+
+def locate_dataset(data_dir: str | Path | None, cache_dir: Path, download: bool) -> Path:
+    """The folder holding the four IDX files: the one named, known local copies, else the official download."""
+    named = data_dir or os.environ.get(DATA_DIR_ENV)
+    if named:
+        directory = Path(named).expanduser()
+        missing = [stem for stem in OFFICIAL_FILES if _file_in(directory, stem) is None]
+        if missing:
+            raise DataError(
+                f"{directory} lacks {', '.join(missing)} (.gz or not); put the Fashion-MNIST IDX files there "
+                f"or unset --data.data_dir / ${DATA_DIR_ENV} to use a local copy or the download"
+            )
+        return directory
+    download_root = cache_dir / "download"
+    for directory in (*KNOWN_LOCAL_COPIES, download_root / "FashionMNIST" / "raw"):
+        if _complete(directory):
+            return directory
+    if not download:
+        raise DataError(
+            f"Fashion-MNIST not found (looked in {', '.join(str(d) for d in KNOWN_LOCAL_COPIES)}) and download=False; "
+            f"set --data.data_dir or ${DATA_DIR_ENV}, or install Debian's dataset-fashion-mnist package"
+        )
+    return _download(download_root)
+
+
+@dataclass
+class FashionMNISTTensors:
+    """The decoded dataset: uint8 images N×28×28 and int64 labels, plus where it came from."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    source_dir: str
+    sha256: dict[str, str]  # file stem -> SHA-256 of its decompressed bytes
+
+
+def decode_dataset(directory: Path, require_official: bool) -> FashionMNISTTensors:
+    """Read and verify the four IDX files in `directory`."""
+    arrays, sha256, paths = {}, {}, {}
+    for stem, (split, kind, official_count, official_sha) in OFFICIAL_FILES.items():
+        path = paths[split, kind] = _file_in(directory, stem)
+        content = _read_bytes(path)
+        arrays[split, kind] = read_idx(path, kind, content)
+        sha256[stem] = hashlib.sha256(content).hexdigest()
+        if require_official:
+            if len(arrays[split, kind]) != official_count:
+                raise DataError(
+                    f"{path}: {len(arrays[split, kind])} {kind}, the official file has {official_count:,}; "
+                    "use the complete file, or set --data.require_official false for your own subset"
+                )
+            if sha256[stem] != official_sha:
+                raise DataError(
+                    f"{path}: content differs from the official Fashion-MNIST file (SHA-256 {sha256[stem][:12]}…); "
+                    "copy or download it again, or set --data.require_official false for your own data"
+                )
+    for split in ("train", "test"):
+        n_images, n_labels = len(arrays[split, "images"]), len(arrays[split, "labels"])
+        if n_images != n_labels:
+            raise DataError(
+                f"{paths[split, 'images']} holds {n_images} images but {paths[split, 'labels'].name} {n_labels} labels; "
+                "one of them is from another dataset or incomplete"
+            )
+    return FashionMNISTTensors(
+        train_images=torch.from_numpy(arrays["train", "images"].copy()),
+        train_labels=torch.from_numpy(arrays["train", "labels"].astype(np.int64)),
+        test_images=torch.from_numpy(arrays["test", "images"].copy()),
+        test_labels=torch.from_numpy(arrays["test", "labels"].astype(np.int64)),
+        source_dir=str(directory),
+        sha256=sha256,
+    )
+
+
+def _cache_path(directory: Path, cache_dir: Path, require_official: bool) -> Path:
+    # Keyed on each source file's path, size and mtime: a replaced file means a new decode.
+    stats = []
+    for stem in OFFICIAL_FILES:
+        path = _file_in(directory, stem).resolve()
+        stat = path.stat()
+        stats.append((str(path), stat.st_size, stat.st_mtime_ns))
+    key = json.dumps([CACHE_FORMAT, require_official, stats])
+    return cache_dir / f"decoded-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def load_dataset(
+    data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    download: bool = True,
+    require_official: bool = True,
+) -> FashionMNISTTensors:
+    """Find, verify and decode Fashion-MNIST, or load the tensors a previous call cached on disk."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    directory = locate_dataset(data_dir, cache_dir, download)
+    cache = _cache_path(directory, cache_dir, require_official)
+    if cache.is_file():
+        try:
+            return FashionMNISTTensors(**torch.load(cache, weights_only=True))
+        except Exception:  # a cache from another version or a damaged one: decode again below
+            pass
+    tensors = decode_dataset(directory, require_official)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(cache) as tmp:
+        torch.save(vars(tensors), tmp)
+    return tensors
+
+
+def load_predict_images(path: str | Path) -> torch.Tensor:
+    """Images to classify: an IDX images file (.gz or not) or a folder of 28×28 grayscale PNG/JPEG files."""
+    path = Path(path)
+    if path.is_file():
+        return torch.from_numpy(read_idx(path, "images").copy())
+    if not path.is_dir():
+        raise DataError(f"{path}: no such file or folder to predict on")
+    from PIL import Image
+
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    if not files:
+        raise DataError(f"{path}: no .png or .jpg images to predict on")
+    images = []
+    for file in files:
+        try:
+            image = Image.open(file)
+            image.load()
+        except OSError as e:
+            raise DataError(f"{file}: not a readable image ({e})") from e
+        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+            raise DataError(f"{file}: image is {image.size[0]}×{image.size[1]}, the networks take 28×28")
+        images.append(np.asarray(image.convert("L"), dtype=np.uint8))
+    return torch.from_numpy(np.stack(images))
+
+
+def shift_and_flip(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random horizontal flips and shifts of up to `max_shift` pixels, per image (B×1×28×28 in, same out)."""
+    n = images.shape[0]
+    flip = torch.rand(n, generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    padded = torch.nn.functional.pad(images, [max_shift] * 4)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
+    rows = (dy[:, None] + torch.arange(IMAGE_SIZE))[:, :, None]
+    cols = (dx[:, None] + torch.arange(IMAGE_SIZE))[:, None, :]
+    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
+class ShardedBatches(IterableDataset):
+    """One rank's batches: slices of a seeded per-epoch permutation (or of the plain order) of in-memory tensors.
+
+    Sharding is done here rather than by a DistributedSampler, which pads evaluation sets with duplicates:
+    in evaluation every rank takes a disjoint contiguous part, so each image is counted exactly once.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        augment: bool = False,
+        seed: int = 0,
+        epoch: Callable[[], int] = lambda: 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.labels)
+        if self.shuffle:
+            # Seeded by (seed, epoch), so a run resumed at epoch e sees the batches an uninterrupted run saw.
+            # Every rank draws the same permutation and takes an equal share: DDP needs equal step counts.
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch())
+            per_rank = n // self.world_size
+            return torch.randperm(n, generator=generator)[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return torch.arange(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        per_rank = n // self.world_size if self.shuffle else (self.rank + 1) * n // self.world_size - self.rank * n // self.world_size
+        return -(-per_rank // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch()) * 1_009 + self.rank)
+        for batch in self._indices().split(self.batch_size):
+            # uint8 -> float per batch: a quarter of the memory traffic of gathering from a float copy.
+            images = self.images[batch].unsqueeze(1).float().div_(255)
+            if self.augment:
+                images = shift_and_flip(images, generator)
+            yield images, self.labels[batch]
+
+
+class FashionMNISTDataModule(L.LightningDataModule):
+    """Fashion-MNIST with the reference study's split: the first `val_size` training images validate."""
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        cache_dir: str | None = None,
+        download: bool = True,
+        require_official: bool = True,
+        val_size: int = 5_000,
+        batch_size: int = 32,
+        eval_batch_size: int = 1_000,
+        augment: bool = False,
+        predict_split: Literal["test", "train", "val"] = "test",
+        predict_path: str | None = None,
+    ) -> None:
+        """Args:
+        data_dir: folder with the four IDX files (.gz or not); default ${FMNIST_DATA_DIR}, a known local copy,
+            then the official download.
+        cache_dir: where decoded tensors and downloads go; default ~/.cache/fmnist_pl.
+        download: allow the official download when no local copy is found.
+        require_official: check counts and content hashes against the official release; false for own IDX files.
+        val_size: the first `val_size` training images form the validation set.
+        batch_size: training batch size per device.
+        eval_batch_size: batch size for validation, test and predict.
+        augment: random horizontal flips and ±2 pixel shifts of training images.
+        predict_split: which split `predict` classifies when no `predict_path` is given.
+        predict_path: images for `predict` (IDX images file or folder of 28×28 PNGs) instead of a split.
+        """
+        super().__init__()
+        if not 0 < val_size < 60_000:
+            raise ConfigError(f"data.val_size must be between 1 and 59,999 (of 60,000 training images), got {val_size}")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ConfigError(f"data.batch_size and data.eval_batch_size must be ≥ 1, got {batch_size}, {eval_batch_size}")
+        self.save_hyperparameters()
+        self.tensors: FashionMNISTTensors | None = None
+
+    def prepare_data(self) -> None:
+        # Runs once per node before setup(): downloads and writes the decoded cache that setup() then reads.
+        load_dataset(self.hparams.data_dir, self.hparams.cache_dir, self.hparams.download, self.hparams.require_official)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tensors is None:
+            self.tensors = load_dataset(
+                self.hparams.data_dir, self.hparams.cache_dir, self.hparams.download, self.hparams.require_official
+            )
+        n_train = len(self.tensors.train_labels)
+        if self.hparams.val_size >= n_train:
+            raise ConfigError(f"data.val_size={self.hparams.val_size} leaves no training images (the data has {n_train})")
+
+    @property
+    def data_checksums(self) -> dict[str, str]:
+        """SHA-256 of each decompressed IDX file, for provenance and cache keys."""
+        return self.tensors.sha256
+
+    def _loader(self, images: torch.Tensor, labels: torch.Tensor, train: bool) -> DataLoader:
+        trainer = self.trainer
+        batches = ShardedBatches(
+            images,
+            labels,
+            batch_size=self.hparams.batch_size if train else self.hparams.eval_batch_size,
+            shuffle=train,
+            augment=train and self.hparams.augment,
+            # seed_everything() records its seed here, and DDP workers inherit it: one seed option for all.
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            epoch=lambda: trainer.current_epoch if trainer is not None else 0,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
+        return DataLoader(batches, batch_size=None)  # the dataset yields whole batches
+
+    def train_dataloader(self) -> DataLoader:
+        val = self.hparams.val_size
+        return self._loader(self.tensors.train_images[val:], self.tensors.train_labels[val:], train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        val = self.hparams.val_size
+        return self._loader(self.tensors.train_images[:val], self.tensors.train_labels[:val], train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.tensors.test_images, self.tensors.test_labels, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.hparams.predict_path is not None:
+            images = load_predict_images(self.hparams.predict_path)
+            return self._loader(images, torch.full((len(images),), -1, dtype=torch.int64), train=False)
+        val = self.hparams.val_size
+        images, labels = {
+            "test": (self.tensors.test_images, self.tensors.test_labels),
+            "train": (self.tensors.train_images[val:], self.tensors.train_labels[val:]),  # unshuffled, unaugmented
+            "val": (self.tensors.train_images[:val], self.tensors.train_labels[:val]),
+        }[self.hparams.predict_split]
+        return self._loader(images, labels, train=False)

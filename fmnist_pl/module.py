@@ -1,0 +1,202 @@
+"""The Lightning glue shared by both networks: loss with the study's L2 penalty, Adam, metrics, result files."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from fmnist_pl.data import CLASS_NAMES
+from fmnist_pl.errors import ConfigError
+from fmnist_pl.io import atomic_write, write_text_atomic
+from fmnist_pl.networks import NETWORKS, count_trainable_parameters
+
+SPLITS = ("train", "val", "test")
+# PredictionsWriter needs no batch indices (ShardedBatches keeps the input order), so Lightning's note is moot.
+warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices.*")
+
+
+def write_confusion_matrix(matrix: torch.Tensor, path: Path) -> None:
+    """Write a confusion matrix as CSV: rows are true classes, columns predicted, both labelled by class name."""
+    frame = pd.DataFrame(matrix.cpu().numpy(), index=CLASS_NAMES, columns=CLASS_NAMES)
+    frame.index.name = "true \\ predicted"
+    with atomic_write(path) as tmp:
+        frame.to_csv(tmp)
+
+
+def run_dir(trainer: L.Trainer) -> Path | None:
+    """The run's folder. Call on every rank: under DDP `trainer.log_dir` is a broadcast, a collective."""
+    log_dir = trainer.log_dir
+    return Path(log_dir) if log_dir else None
+
+
+class FashionMNISTClassifier(L.LightningModule):
+    """Trains, validates, tests and predicts with one of the study's networks."""
+
+    def __init__(
+        self,
+        network: str = "cnn",
+        learning_rate: float = 1e-3,
+        l2_penalty: float = 1e-3,
+        adam_epsilon: float = 1e-7,
+        lr_schedule: Literal["constant", "one_cycle"] = "constant",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        """Args:
+        network: which architecture: `dense` (SeedDenseNet) or `cnn` (SeedCNN).
+        learning_rate: Adam's learning rate (the peak rate under `one_cycle`).
+        l2_penalty: Keras-style L2 coefficient: the loss gets l2_penalty * sum(W**2) over the penalized kernels.
+        adam_epsilon: Adam's epsilon; 1e-7 is Keras' default (PyTorch's is 1e-8).
+        lr_schedule: `constant` (the study) or `one_cycle` (warm-up then cosine decay, stepped per batch).
+        label_smoothing: cross-entropy label smoothing for training (0 = none, as the study).
+        """
+        super().__init__()
+        if network not in NETWORKS:
+            raise ConfigError(f"unknown network {network!r}: choose one of {', '.join(NETWORKS)}")
+        if learning_rate <= 0:
+            raise ConfigError(f"model.learning_rate must be > 0, got {learning_rate}")
+        if l2_penalty < 0 or adam_epsilon <= 0:
+            raise ConfigError(f"model.l2_penalty must be ≥ 0 and adam_epsilon > 0, got {l2_penalty}, {adam_epsilon}")
+        if not 0 <= label_smoothing < 1:
+            raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.save_hyperparameters()
+        self.network = NETWORKS[network]()
+        self.loss = {split: MeanMetric() for split in SPLITS}
+        self.accuracy = {split: MulticlassAccuracy(num_classes=10, average="micro") for split in SPLITS}
+        self.confusion = {split: MulticlassConfusionMatrix(num_classes=10) for split in ("val", "test")}
+        # Registered as modules so they move with the model to the device and sync across ranks.
+        self.metrics = torch.nn.ModuleDict(
+            {f"{kind}_{split}": m for kind, d in (("loss", self.loss), ("acc", self.accuracy), ("cm", self.confusion))
+             for split, m in d.items()}
+        )  # fmt: skip
+        self._epoch_started = 0.0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images)
+
+    def l2_term(self) -> torch.Tensor:
+        """Keras' kernel_regularizer=l2(c): c * sum(W**2) for each penalized weight matrix (never biases)."""
+        return self.hparams.l2_penalty * sum(w.pow(2).sum() for w in self.network.penalized_weights())
+
+    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy on logits and metric updates for one batch; returns (data loss, predicted classes)."""
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        preds = logits.argmax(dim=1)
+        # Weighted by batch size so the epoch value is the exact per-image mean, on any number of devices.
+        self.loss[split].update(loss.detach(), weight=len(labels))
+        self.accuracy[split].update(preds, labels)
+        if split in self.confusion:
+            self.confusion[split].update(preds, labels)
+        self.log(f"{split}/loss", self.loss[split], on_step=False, on_epoch=True, prog_bar=split != "test")
+        self.log(f"{split}/acc", self.accuracy[split], on_step=False, on_epoch=True, prog_bar=True)
+        return loss, preds
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        data_loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        with torch.no_grad():
+            self.loss["train"].update(F.cross_entropy(logits, labels), weight=len(labels))
+            self.accuracy["train"].update(logits.argmax(dim=1), labels)
+        self.log("train/loss", self.loss["train"], on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.accuracy["train"], on_step=False, on_epoch=True, prog_bar=True)
+        return data_loss + self.l2_term()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.model_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.model_step(batch, "test")
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        images, labels = batch
+        probabilities = self(images).softmax(dim=1)
+        confidence, predicted = probabilities.max(dim=1)
+        return {"label": labels, "predicted": predicted, "confidence": confidence, "probabilities": probabilities}
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_started = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        # Training plus this epoch's validation: what a user waits for per epoch.
+        seconds = time.perf_counter() - self._epoch_started
+        self.log("epoch_seconds", seconds, on_epoch=True, reduce_fx="max", sync_dist=True)  # the slowest rank
+
+    def on_validation_epoch_end(self) -> None:
+        matrix = self.confusion["val"].compute()  # every rank takes part in the sync
+        self.confusion["val"].reset()
+        directory = run_dir(self.trainer)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking and directory:
+            write_confusion_matrix(matrix, directory / "confusion_matrix_val.csv")
+
+    def on_test_epoch_end(self) -> None:
+        matrix = self.confusion["test"].compute()
+        self.confusion["test"].reset()
+        self.log("test/images", matrix.sum().float(), reduce_fx="max")  # each image counted once across ranks
+        loss = self.loss["test"].compute().item()
+        directory = run_dir(self.trainer)
+        if not self.trainer.is_global_zero or not directory:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        write_confusion_matrix(matrix, directory / "confusion_matrix_test.csv")
+        correct = matrix.diag().sum().item()
+        metrics = {
+            "network": self.hparams.network,
+            "accuracy": correct / matrix.sum().item(),
+            "loss": loss,
+            "images": int(matrix.sum().item()),
+            "trainable_parameters": count_trainable_parameters(self.network),
+            "checkpoint": self.trainer.ckpt_path,
+            "devices": self.trainer.world_size,
+        }
+        write_text_atomic(directory / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+    def configure_optimizers(self):  # noqa: ANN201 - Lightning accepts several return shapes
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, eps=self.hparams.adam_epsilon)
+        if self.hparams.lr_schedule == "constant":
+            return optimizer
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.hparams.learning_rate, total_steps=self.trainer.estimated_stepping_batches
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class PredictionsWriter(L.pytorch.callbacks.BasePredictionWriter):
+    """Writes `predict` results to <run dir>/predictions.csv: true label (-1 if unknown), prediction, confidence."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:  # noqa: ANN001
+        directory = run_dir(trainer)
+        if not directory:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        columns = {key: torch.cat([p[key] for p in predictions]).cpu() for key in predictions[0]}
+        frame = pd.DataFrame({"label": columns["label"], "predicted": columns["predicted"], "confidence": columns["confidence"]})
+        for i, name in enumerate(CLASS_NAMES):
+            frame[f"p_{name}"] = columns["probabilities"][:, i]
+        # Each rank classified a contiguous shard; shards in rank order are the input order.
+        shard = directory / f".predictions.rank{trainer.global_rank}.csv"
+        frame.to_csv(shard, index=False)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            shards = [directory / f".predictions.rank{r}.csv" for r in range(trainer.world_size)]
+            merged = pd.concat([pd.read_csv(s) for s in shards], ignore_index=True)
+            merged.index.name = "index"
+            with atomic_write(directory / "predictions.csv") as tmp:
+                merged.to_csv(tmp)
+            for s in shards:
+                s.unlink()
+        trainer.strategy.barrier()

@@ -1,0 +1,113 @@
+"""The `fmnist-pl` command: fit → test round trip, result files, packaged configs, errors, determinism."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import N_TEST, tiny_args
+
+from fmnist_pl.cli import main, packaged_configs
+from fmnist_pl.data import CLASS_NAMES
+
+
+def fit(data: Path, out: Path, *extra: str) -> Path:
+    """Run `fmnist-pl fit` on the tiny data; return the run folder."""
+    main(["fit", *tiny_args(data, out, "--trainer.logger.init_args.version=fit", *extra)])
+    return out / "runs" / "fit"
+
+
+def epoch_metrics(run: Path) -> pd.DataFrame:
+    """metrics.csv folded to one row per epoch (Lightning writes train and val rows separately)."""
+    return pd.read_csv(run / "metrics.csv").groupby("epoch").first()
+
+
+def test_fit_then_test_from_the_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
+    run = fit(tiny_data, tmp_path, "--model.network=cnn", "--trainer.max_epochs=4")
+    metrics = epoch_metrics(run)
+    assert list(metrics.index) == [0, 1, 2, 3]
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "epoch_seconds"} <= set(metrics.columns)
+    assert metrics["val/acc"].iloc[-1] > 0.5  # it learned the synthetic classes (chance is 0.1)
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert pd.read_csv(run / "confusion_matrix_val.csv", index_col=0).to_numpy().sum() == 100
+
+    main(["test", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=test"),
+          f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}"])  # fmt: skip
+    tested = tmp_path / "runs" / "test"
+    result = json.loads((tested / "test_metrics.json").read_text())
+    matrix = pd.read_csv(tested / "confusion_matrix_test.csv", index_col=0)
+    assert list(matrix.index) == list(CLASS_NAMES) == list(matrix.columns)
+    assert matrix.to_numpy().sum() == N_TEST == result["images"]
+    assert result["accuracy"] == pytest.approx(matrix.to_numpy().trace() / N_TEST)
+    assert result["network"] == "cnn" and result["trainable_parameters"] == 116_859
+    assert result["accuracy"] > 0.5
+
+
+def test_dense_network_fits_and_predicts(tiny_data: Path, tmp_path: Path) -> None:
+    run = fit(tiny_data, tmp_path, "--model.network=dense", "--trainer.max_epochs=1")
+    main(["predict", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=predict"),
+          f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])  # fmt: skip
+    predictions = pd.read_csv(tmp_path / "runs" / "predict" / "predictions.csv")
+    assert len(predictions) == N_TEST and predictions["predicted"].between(0, 9).all()
+    probabilities = predictions[[f"p_{name}" for name in CLASS_NAMES]].to_numpy()
+    assert probabilities.sum(axis=1) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_same_seed_gives_identical_metrics(tiny_data: Path, tmp_path: Path) -> None:
+    runs = [
+        epoch_metrics(fit(tiny_data, tmp_path / str(i), "--model.network=cnn", "--trainer.max_epochs=2",
+                          "--seed_everything=7", "--data.augment=true")).drop(columns=["epoch_seconds", "step"])
+        for i in range(2)
+    ]  # fmt: skip
+    pd.testing.assert_frame_equal(runs[0], runs[1])
+    other = epoch_metrics(fit(tiny_data, tmp_path / "other", "--model.network=cnn", "--trainer.max_epochs=2",
+                              "--seed_everything=8", "--data.augment=true")).drop(columns=["epoch_seconds", "step"])  # fmt: skip
+    assert not runs[0].equals(other)
+
+
+def test_packaged_reference_configs_hold_the_studys_settings() -> None:
+    dense = yaml.safe_load(packaged_configs()["reference_dense"].read_text())
+    cnn = yaml.safe_load(packaged_configs()["reference_cnn"].read_text())
+    for config, lr, l2 in ((dense, 1e-4, 1e-6), (cnn, 1e-3, 1e-3)):
+        assert (config["model"]["learning_rate"], config["model"]["l2_penalty"]) == (lr, l2)
+        assert config["model"]["adam_epsilon"] == 1e-7
+        assert (config["data"]["batch_size"], config["data"]["val_size"], config["trainer"]["max_epochs"]) == (32, 5000, 30)
+
+
+def test_print_config_resolves_a_packaged_config_by_name(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", "reference_dense", "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["network"] == "dense" and printed["trainer"]["max_epochs"] == 30
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.network=mlp"], "unknown network 'mlp'"),
+        (["--model.learning_rate=-0.1"], "learning_rate must be > 0"),
+        (["--data.val_size=60000"], "val_size must be between 1 and 59,999"),
+        (["--ckpt_path=/no/such.ckpt"], "checkpoint /no/such.ckpt does not exist"),
+        (["--config=reference_resnet"], "neither a file nor a packaged config"),
+    ],
+)
+def test_bad_values_stop_with_one_line_before_training(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *tiny_args(tiny_data, tmp_path), *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fmnist-pl: error: ") and message in err[-1]
+    assert not (tmp_path / "runs").exists()  # nothing was trained or written
+
+
+def test_console_entry_points_answer_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "fmnist_pl", "--help"], capture_output=True, text=True, check=True)
+    assert all(cmd in result.stdout for cmd in ("fit", "validate", "test", "predict"))

@@ -1,0 +1,224 @@
+"""The data module: sources, verification errors, the decoded cache, the split and the batches."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import N_TEST, N_TRAIN, idx_bytes, make_split, write_idx_dir
+
+from fmnist_pl import data
+from fmnist_pl.data import FashionMNISTDataModule, ShardedBatches, load_dataset, load_predict_images, shift_and_flip
+from fmnist_pl.errors import ConfigError, DataError
+
+
+def test_gz_and_raw_files_decode_to_the_same_tensors(tmp_path: Path) -> None:
+    gz = load_dataset(write_idx_dir(tmp_path / "gz"), require_official=False)
+    raw = load_dataset(write_idx_dir(tmp_path / "raw", gz=False), require_official=False)
+    assert gz.train_images.shape == (N_TRAIN, 28, 28) and gz.test_labels.shape == (N_TEST,)
+    assert torch.equal(gz.train_images, raw.train_images) and torch.equal(gz.test_labels, raw.test_labels)
+    assert gz.sha256 == raw.sha256  # hashes are of the content, not of the .gz wrapper
+
+
+def test_sources_are_tried_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    named, env, local = (write_idx_dir(tmp_path / d) for d in ("named", "env", "local"))
+    monkeypatch.setattr(data, "KNOWN_LOCAL_COPIES", (local,))
+    downloads = []
+    monkeypatch.setattr(data, "_download", lambda root: downloads.append(root) or write_idx_dir(root / "dl"))
+    cache = tmp_path / "cache"
+    assert data.locate_dataset(named, cache, download=True) == named
+    monkeypatch.setenv("FMNIST_DATA_DIR", str(env))
+    assert data.locate_dataset(None, cache, download=True) == env
+    monkeypatch.delenv("FMNIST_DATA_DIR")
+    assert data.locate_dataset(None, cache, download=True) == local
+    assert downloads == []
+    monkeypatch.setattr(data, "KNOWN_LOCAL_COPIES", (tmp_path / "nowhere",))
+    assert data.locate_dataset(None, cache, download=True) == cache / "download" / "dl"
+    assert downloads == [cache / "download"]
+    with pytest.raises(DataError, match="download=False"):
+        data.locate_dataset(None, tmp_path / "other-cache", download=False)
+
+
+def test_failed_download_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", unreachable)
+    with pytest.raises(DataError, match="could not download Fashion-MNIST.*no route to host.*data_dir"):
+        data._download(tmp_path)
+
+
+def test_named_folder_without_the_files_is_not_silently_skipped(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"lacks train-images-idx3-ubyte"):
+        load_dataset(tmp_path, require_official=False)
+
+
+def _corrupt(directory: Path, how: str) -> str:
+    """Damage one file of a tiny dataset; return the name the error must mention."""
+    images = directory / "train-images-idx3-ubyte.gz"
+    labels = directory / "train-labels-idx1-ubyte.gz"
+    if how == "truncated gzip":
+        images.write_bytes(images.read_bytes()[:-500])
+    elif how == "not gzip":
+        images.write_bytes(b"this is not gzip at all")
+    elif how == "truncated content":
+        images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[:-784]))
+    elif how == "too short":
+        images.write_bytes(gzip.compress(b"\x00\x00\x08"))
+    elif how == "wrong magic":  # a label file where the images should be
+        images.write_bytes(labels.read_bytes())
+    elif how == "wrong size":
+        images.write_bytes(gzip.compress(idx_bytes(np.zeros((N_TRAIN, 32, 32), np.uint8))))
+    elif how == "bad label":
+        _, y = make_split(N_TRAIN, 0)
+        y[3] = 10
+        labels.write_bytes(gzip.compress(idx_bytes(y)))
+        return labels.name
+    elif how == "count mismatch":
+        labels.write_bytes(gzip.compress(idx_bytes(make_split(N_TRAIN - 1, 0)[1])))
+        return labels.name
+    return images.name
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("truncated gzip", "truncated or corrupt"),
+        ("not gzip", "truncated or corrupt"),
+        ("truncated content", "truncated or corrupt"),
+        ("too short", "too short to be an IDX"),
+        ("wrong magic", "is not that of an IDX images file"),
+        ("wrong size", "32×32"),
+        ("bad label", "label 10"),
+        ("count mismatch", f"{N_TRAIN} images but train-labels-idx1-ubyte.gz {N_TRAIN - 1} labels"),
+    ],
+)
+def test_damaged_files_stop_with_a_message_naming_the_file(tiny_data: Path, how: str, message: str) -> None:
+    named = _corrupt(tiny_data, how)
+    with pytest.raises(DataError, match=message) as error:
+        load_dataset(tiny_data, require_official=False)
+    assert named in str(error.value) and "\n" not in str(error.value)
+
+
+def test_official_check_rejects_wrong_counts_and_wrong_content(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(DataError, match="640 images, the official file has 60,000"):
+        load_dataset(tiny_data, require_official=True)
+    # With the counts made to match, the content hash is what catches a wrong dataset.
+    tiny_counts = {stem: (s, k, N_TRAIN if s == "train" else N_TEST, sha) for stem, (s, k, _, sha) in data.OFFICIAL_FILES.items()}
+    monkeypatch.setattr(data, "OFFICIAL_FILES", tiny_counts)
+    with pytest.raises(DataError, match="content differs from the official Fashion-MNIST file"):
+        load_dataset(tiny_data, require_official=True)
+
+
+def test_decoded_tensors_are_cached_and_invalidated_when_a_file_changes(
+    tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = load_dataset(tiny_data, require_official=False)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again despite the cache")
+
+    real_decode = data.decode_dataset
+    monkeypatch.setattr(data, "decode_dataset", no_decoding)
+    again = load_dataset(tiny_data, require_official=False)
+    assert torch.equal(first.train_images, again.train_images) and again.sha256 == first.sha256
+    changed = tiny_data / "t10k-labels-idx1-ubyte.gz"
+    os.utime(changed, ns=(1, 1))
+    with pytest.raises(AssertionError, match="decoded again"):
+        load_dataset(tiny_data, require_official=False)
+    monkeypatch.setattr(data, "decode_dataset", real_decode)
+    assert torch.equal(load_dataset(tiny_data, require_official=False).test_labels, first.test_labels)
+
+
+def test_split_takes_the_first_val_size_images_for_validation(tiny_data: Path) -> None:
+    module = FashionMNISTDataModule(data_dir=str(tiny_data), require_official=False, val_size=100, batch_size=64)
+    module.setup("fit")
+    raw_x, raw_y = make_split(N_TRAIN, 0)
+    val_x, val_y = (torch.cat(t) for t in zip(*module.val_dataloader()))
+    assert torch.equal(val_y, torch.from_numpy(raw_y[:100]).long())
+    assert torch.allclose(val_x.squeeze(1), torch.from_numpy(raw_x[:100]).float() / 255)
+    train_x, train_y = (torch.cat(t) for t in zip(*module.train_dataloader()))
+    assert len(train_y) == N_TRAIN - 100 and 0.0 <= train_x.min() and train_x.max() <= 1.0
+    # The training split is exactly the rest: same label counts as images 100..639.
+    assert torch.equal(train_y.bincount(minlength=10), torch.from_numpy(raw_y[100:]).long().bincount(minlength=10))
+
+
+@pytest.mark.parametrize("bad", [{"val_size": 0}, {"val_size": 60_000}, {"batch_size": 0}])
+def test_bad_data_options_are_rejected_up_front(bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        FashionMNISTDataModule(**bad)
+
+
+def test_val_size_must_leave_training_images(tiny_data: Path) -> None:
+    module = FashionMNISTDataModule(data_dir=str(tiny_data), require_official=False, val_size=N_TRAIN)
+    with pytest.raises(ConfigError, match="leaves no training images"):
+        module.setup("fit")
+
+
+def _epoch_indices(world_size: int, epoch: int, seed: int = 0, n: int = 103) -> list[torch.Tensor]:
+    labels = torch.arange(n)  # labels double as image indices
+    return [
+        torch.cat([y for _, y in ShardedBatches(torch.zeros(n, 28, 28, dtype=torch.uint8), labels, 8, shuffle=True,
+                                                  seed=seed, epoch=lambda: epoch, rank=r, world_size=world_size)])
+        for r in range(world_size)
+    ]  # fmt: skip
+
+
+def test_training_batches_are_a_seeded_permutation_shared_out_between_ranks() -> None:
+    (single,) = _epoch_indices(1, epoch=0)
+    assert sorted(single.tolist()) == list(range(103))
+    assert torch.equal(single, _epoch_indices(1, epoch=0)[0])  # same seed and epoch: same order
+    assert not torch.equal(single, _epoch_indices(1, epoch=1)[0])  # a new order every epoch
+    assert not torch.equal(single, _epoch_indices(1, epoch=0, seed=1)[0])
+    shards = _epoch_indices(3, epoch=0)
+    assert len({len(s) for s in shards}) == 1  # equal step counts, or DDP would hang
+    together = torch.cat(shards)
+    assert len(together.unique()) == len(together) == 102  # disjoint; at most world_size - 1 left out
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_evaluation_batches_count_every_image_exactly_once(world_size: int) -> None:
+    labels = torch.arange(N_TEST)
+    seen = torch.cat([
+        torch.cat([y for _, y in ShardedBatches(torch.zeros(N_TEST, 28, 28, dtype=torch.uint8), labels, 10,
+                                                  shuffle=False, rank=r, world_size=world_size)])
+        for r in range(world_size)
+    ])  # fmt: skip
+    assert torch.equal(seen, labels)  # in order, none twice, none missing
+    lengths = [len(ShardedBatches(labels, labels, 10, False, rank=r, world_size=world_size)) for r in range(world_size)]
+    assert sum(lengths) >= N_TEST // 10
+
+
+def test_augmentation_only_flips_and_shifts() -> None:
+    images = torch.rand(16, 1, 28, 28)
+    out = shift_and_flip(images, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(images, [2] * 4)
+    for original, augmented in zip(padded, out):
+        candidates = [
+            view[..., dy : dy + 28, dx : dx + 28]
+            for view in (original, original.flip(-1))
+            for dy in range(5)
+            for dx in range(5)
+        ]
+        assert any(torch.equal(augmented, c) for c in candidates)
+    assert not torch.equal(out, images)
+
+
+def test_predict_images_from_a_folder_of_pngs(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.full((28, 28), 200, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / "b.png")  # colour: converted to grayscale
+    images = load_predict_images(tmp_path)
+    assert images.shape == (2, 28, 28) and images[0, 0, 0] == 200
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "c.png")
+    with pytest.raises(DataError, match=r"c.png: image is 32×32, the networks take 28×28"):
+        load_predict_images(tmp_path)
+    with pytest.raises(DataError, match="no such file"):
+        load_predict_images(tmp_path / "missing")

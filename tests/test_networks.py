@@ -1,0 +1,88 @@
+"""The two architectures, their initialization, and the L2 penalty as Keras applies it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fmnist_pl.errors import ConfigError
+from fmnist_pl.module import FashionMNISTClassifier
+from fmnist_pl.networks import SeedCNN, SeedDenseNet, count_trainable_parameters
+
+
+@pytest.mark.parametrize(("network", "parameters"), [(SeedDenseNet, 2_261_465), (SeedCNN, 116_859)])
+def test_trainable_parameters_match_the_study(network: type[nn.Module], parameters: int) -> None:
+    net = network()
+    assert count_trainable_parameters(net) == parameters
+    assert net(torch.rand(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_layers_and_activations_are_the_studys() -> None:
+    dense = SeedDenseNet()
+    widths = [m.out_features for m in dense.modules() if isinstance(m, nn.Linear)]
+    assert widths == [750, 750, 750, 500, 250, 125, 75, 50, 10, 10, 10, 10]
+    assert sum(isinstance(m, nn.ReLU) for m in dense.modules()) == 11
+    cnn = SeedCNN()
+    convs = [(m.out_channels, m.kernel_size, m.padding) for m in cnn.modules() if isinstance(m, nn.Conv2d)]
+    assert convs == [(6, (5, 5), (2, 2)), (36, (5, 5), (0, 0)), (108, (5, 5), (0, 0))]
+    assert sum(isinstance(m, nn.AvgPool2d) for m in cnn.modules()) == 2
+    assert sum(isinstance(m, nn.Tanh) for m in cnn.modules()) == 7  # 3 conv + 4 dense
+    assert [m.out_features for m in cnn.classifier if isinstance(m, nn.Linear)] == [84, 42, 21, 10, 10]
+
+
+@pytest.mark.parametrize("network", [SeedDenseNet, SeedCNN])
+def test_initialization_is_keras_glorot_uniform_with_zero_biases(network: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    for layer in network().modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            receptive = layer.weight[0, 0].numel()
+            fan_in, fan_out = layer.weight.shape[1] * receptive, layer.weight.shape[0] * receptive
+            limit = math.sqrt(6 / (fan_in + fan_out))
+            assert torch.all(layer.bias == 0)
+            assert layer.weight.abs().max() <= limit
+            if layer.weight.numel() > 5_000:  # enough samples for the uniform's std to show
+                assert layer.weight.std().item() == pytest.approx(limit / math.sqrt(3), rel=0.05)
+
+
+def test_dense_penalty_covers_every_kernel_and_no_bias() -> None:
+    module = FashionMNISTClassifier(network="dense", l2_penalty=1e-6)
+    kernels = [m.weight for m in module.network.modules() if isinstance(m, nn.Linear)]
+    assert len(module.network.penalized_weights()) == 12
+    expected = 1e-6 * sum((w**2).sum() for w in kernels)
+    assert module.l2_term().item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_cnn_penalty_touches_only_dense_kernels() -> None:
+    module = FashionMNISTClassifier(network="cnn", l2_penalty=1e-3)
+    module.l2_term().backward()
+    for name, parameter in module.network.named_parameters():
+        penalized = name.startswith("classifier") and name.endswith("weight")
+        if penalized:  # d/dW of c*sum(W**2) is 2cW
+            assert torch.allclose(parameter.grad, 2e-3 * parameter.detach())
+        else:
+            assert parameter.grad is None or torch.all(parameter.grad == 0), name
+
+
+def test_optimizer_is_adam_with_keras_epsilon_and_no_decoupled_decay() -> None:
+    module = FashionMNISTClassifier(network="cnn", learning_rate=1e-3)
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Adam)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["eps"], group["betas"], group["weight_decay"]) == (1e-3, 1e-7, (0.9, 0.999), 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"network": "resnet"}, "unknown network 'resnet'"),
+        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+        ({"l2_penalty": -1.0}, "l2_penalty must be ≥ 0"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+    ],
+)
+def test_bad_model_options_are_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        FashionMNISTClassifier(**kwargs)
