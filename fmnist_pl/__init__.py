@@ -4,4 +4,5 @@ from fmnist_pl.data import CLASS_NAMES, FashionMNISTDataModule
 from fmnist_pl.module import FashionMNISTClassifier
 from fmnist_pl.networks import SeedCNN, SeedDenseNet
 
+__version__ = "0.1.0"
 __all__ = ["CLASS_NAMES", "FashionMNISTClassifier", "FashionMNISTDataModule", "SeedCNN", "SeedDenseNet"]

@@ -111,3 +111,14 @@ def test_bad_values_stop_with_one_line_before_training(
 def test_console_entry_points_answer_help() -> None:
     result = subprocess.run([sys.executable, "-m", "fmnist_pl", "--help"], capture_output=True, text=True, check=True)
     assert all(cmd in result.stdout for cmd in ("fit", "validate", "test", "predict"))
+
+
+def test_resumed_fit_continues_the_same_history_as_an_uninterrupted_one(tiny_data: Path, tmp_path: Path) -> None:
+    straight = fit(tiny_data, tmp_path / "straight", "--trainer.max_epochs=3")
+    interrupted = fit(tiny_data, tmp_path / "resumed", "--trainer.max_epochs=2")
+    fit(tiny_data, tmp_path / "resumed", "--trainer.max_epochs=3", f"--ckpt_path={interrupted / 'checkpoints' / 'last.ckpt'}")
+    columns = ["epoch", "train/loss", "train/acc", "val/loss", "val/acc"]
+    expected = pd.read_csv(straight / "history.csv")[columns]
+    resumed = pd.read_csv(interrupted / "history.csv")[columns]
+    assert list(resumed["epoch"]) == [0, 1, 2]  # no epoch lost or repeated
+    pd.testing.assert_frame_equal(resumed, expected)  # same batches, same optimizer state: same numbers
