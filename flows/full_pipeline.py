@@ -24,7 +24,6 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -42,7 +41,6 @@ from fmnist_pl.report import build_report  # noqa: E402
 
 NETWORKS = ("dense", "cnn")
 PROFILES = ("fast", "reference")
-_in_process_cli = threading.Lock()  # evaluation runs the CLI in this process: one at a time
 
 
 def step_key(**inputs: object) -> str:
@@ -173,10 +171,9 @@ def evaluate_model(network: str, trained: dict, settings: dict, data: dict, step
               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
     started = time.perf_counter()
     # In this process (one device, so no DDP launcher is involved): saves three interpreter start-ups.
-    with _in_process_cli:
-        run_cli(["test", *common, "--trainer.logger.init_args.version=test"])
-        for split in ("test", "train"):
-            run_cli(["predict", *common, f"--data.predict_split={split}", f"--trainer.logger.init_args.version=predict_{split}"])
+    run_cli(["test", *common, "--trainer.logger.init_args.version=test"])
+    for split in ("test", "train"):
+        run_cli(["predict", *common, f"--data.predict_split={split}", f"--trainer.logger.init_args.version=predict_{split}"])
     result = {"network": network, "dir": str(work), "train_dir": trained["dir"],
               "wall_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
     write_text_atomic(done, json.dumps(result, indent=2) + "\n")

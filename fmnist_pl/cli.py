@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -73,8 +74,16 @@ class FashionMNISTCLI(LightningCLI):
             raise ConfigError(f"checkpoint {ckpt_path} does not exist; pass a .ckpt file written by `fmnist-pl fit`")
 
 
+_one_cli_at_a_time = threading.Lock()  # a LightningCLI run sets process-wide seeds and warning filters
+
+
 def run_cli(argv: list[str] | None = None) -> None:
     """Run one Lightning CLI subcommand with the project's defaults (`argv` None: the command line)."""
+    with _one_cli_at_a_time:
+        _run_cli(argv)
+
+
+def _run_cli(argv: list[str] | None) -> None:
     if argv is None:
         # Rewritten in place rather than passed as `args`: Lightning's DDP launcher re-runs sys.argv for each rank.
         sys.argv[1:] = resolve_config_names(sys.argv[1:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import struct
 from pathlib import Path
 
@@ -67,3 +68,25 @@ def tiny_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
         f"--trainer.logger.init_args.save_dir={out_dir}", "--trainer.accelerator=cpu", "--trainer.devices=1",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra,
     ]  # fmt: skip
+
+
+FLOW_FILE = Path(__file__).resolve().parents[1] / "flows" / "full_pipeline.py"
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """A real local Prefect server (temporary database) for the whole session; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def pipeline(prefect_api: str):
+    """flows/full_pipeline.py as a module, talking to the session's Prefect server."""
+    spec = importlib.util.spec_from_file_location("full_pipeline", FLOW_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,165 @@
+"""The Prefect pipeline on tiny data: whole flow, cache, retries, failure record, resume, DDP, fresh home, schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import FLOW_FILE
+
+
+def tiny_flow_args(data: Path, out: Path, **overrides) -> dict:
+    return {"data_dir": str(data), "require_official": False, "val_size": 100, "epochs": 2, "accelerator": "cpu",
+            "output_dir": str(out), **overrides}  # fmt: skip
+
+
+def cli_flow_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(FLOW_FILE), "--data-dir", str(data), "--not-official", "--val-size", "100",
+            "--accelerator", "cpu", "--output-dir", str(out), *extra]  # fmt: skip
+
+
+def test_whole_flow_writes_a_run_folder_report_and_artifacts_then_reuses_finished_steps(
+    pipeline, tiny_data: Path, tmp_path: Path
+) -> None:
+    run_dir = Path(pipeline.full_pipeline(**tiny_flow_args(tiny_data, tmp_path)))
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed"
+    assert (tmp_path / "latest").resolve() == run_dir.resolve()
+    report = (run_dir / "report.md").read_text()
+    for network in ("dense", "cnn"):
+        metrics = json.loads((run_dir / network / "evaluate" / "test" / "test_metrics.json").read_text())
+        assert f"{metrics['accuracy']:.2%}" in report  # numbers come from the metrics files
+        assert (run_dir / network / "train" / "checkpoints" / "best.ckpt").is_file()
+        assert not record["steps"][f"train-{network}"]["cached"]
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        keys = {artifact.key for artifact in client.read_artifacts()}
+    assert {"fmnist-report", "fmnist-results"} <= keys
+
+    checkpoint = run_dir / "cnn" / "train" / "checkpoints" / "best.ckpt"
+    written = checkpoint.stat().st_mtime_ns
+    again = Path(pipeline.full_pipeline(**tiny_flow_args(tiny_data, tmp_path)))
+    assert again != run_dir and (run_dir / "report.md").read_text() == report  # the earlier run is untouched
+    steps = json.loads((again / "run.json").read_text())["steps"]
+    assert all(steps[f"{kind}-{n}"]["cached"] for kind in ("train", "evaluate") for n in ("dense", "cnn"))
+    assert checkpoint.stat().st_mtime_ns == written
+    assert (tmp_path / "latest").resolve() == again.resolve()
+
+
+def test_download_that_fails_once_succeeds_on_retry(
+    pipeline, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real_load = pipeline.load_dataset
+
+    def flaky_load(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("mirror unreachable")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_dataset", flaky_load)
+    monkeypatch.setattr(pipeline, "download_data", pipeline.download_data.with_options(retry_delay_seconds=0))
+    run_dir = Path(pipeline.full_pipeline(**tiny_flow_args(tiny_data, tmp_path, models=["cnn"], epochs=1)))
+    assert len(calls) == 2
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+
+
+def test_failed_step_is_recorded_with_its_reason(pipeline, tiny_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="fit"):
+        pipeline.full_pipeline(**tiny_flow_args(tiny_data, tmp_path, models=["cnn"], val_size=5000))
+    record = json.loads((tmp_path / "latest" / "run.json").read_text())
+    assert record["status"] == "failed" and record["failed_step"] == "train-cnn"
+    assert "exit code 2" in record["error"]
+    log = next((tmp_path / "steps").glob("train-cnn-*/train.log")).read_text()
+    assert log.count("$ ") == 1  # a rejected option is not retried
+    assert "val_size=5000 leaves no training images" in log
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(
+    pipeline, prefect_api: str, tiny_data: Path, tmp_path: Path
+) -> None:
+    epochs = 30
+    args = cli_flow_args(tiny_data, tmp_path, "--models", "dense", "--epochs", str(epochs))
+    process = subprocess.Popen(args, env={**os.environ, "PREFECT_API_URL": prefect_api}, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    history = None
+    while time.monotonic() < deadline and process.poll() is None:
+        history = next((tmp_path / "steps").glob("train-dense-*/history.csv"), None) if (tmp_path / "steps").exists() else None
+        if history and len(pd.read_csv(history)) >= 3:
+            break
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the flow, the training subprocess, everything
+    process.wait()
+    assert history is not None, "training never got going"
+    finished_before_kill = len(pd.read_csv(history))
+    assert finished_before_kill < epochs, "training finished before it could be killed"
+
+    run_dir = Path(pipeline.full_pipeline(**tiny_flow_args(tiny_data, tmp_path, models=["dense"], epochs=epochs)))
+    train = json.loads((run_dir / "run.json").read_text())["steps"]["train-dense"]
+    assert train["resumed"] is True
+    resumed = pd.read_csv(run_dir / "dense" / "train" / "history.csv")
+    assert list(resumed["epoch"]) == list(range(epochs))  # every finished epoch kept, none trained twice
+    log = (run_dir / "dense" / "train" / "train.log").read_text()
+    assert "--ckpt_path=" in log and "epoch 1/30" not in log.split("--ckpt_path=")[-1]
+
+
+def test_fresh_home_no_server_two_ddp_processes_and_no_traceback(tiny_data: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
+    args = cli_flow_args(tiny_data, tmp_path / "out", "--models", "cnn", "--epochs", "1", "--devices", "2", "--strategy", "ddp")
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=420)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "Traceback" not in output and "database is locked" not in output
+    assert "epoch 1/1" in output  # the user sees training progress
+    run_dir = tmp_path / "out" / "latest"
+    train_log = (run_dir / "cnn" / "train" / "train.log").read_text()
+    assert "Starting with 2 processes" in train_log or "MEMBER: 2/2" in train_log
+    metrics = json.loads((run_dir / "cnn" / "evaluate" / "test" / "test_metrics.json").read_text())
+    assert metrics["images"] == 101
+
+
+def test_serve_registers_a_scheduled_deployment_that_runs(prefect_api: str, tiny_data: Path, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    args = cli_flow_args(tiny_data, tmp_path, "--models", "cnn", "--epochs", "1")
+    args[2:2] = ["serve", "--cron", "0 3 * * *", "--name", "nightly"]
+    server = subprocess.Popen(args, env={**os.environ, "PREFECT_API_URL": prefect_api}, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        with get_client(sync_client=True) as client:
+            deadline, deployment = time.monotonic() + 120, None
+            while deployment is None and time.monotonic() < deadline:
+                try:
+                    deployment = client.read_deployment_by_name("fmnist-full-pipeline/nightly")
+                except Exception:
+                    time.sleep(1)
+            assert deployment is not None, "serve never registered the deployment"
+            assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+            run = client.create_flow_run_from_deployment(deployment.id)
+            deadline = time.monotonic() + 300
+            while not client.read_flow_run(run.id).state.is_final() and time.monotonic() < deadline:
+                time.sleep(2)
+            assert client.read_flow_run(run.id).state.is_completed()
+            from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            assert any("[cnn] epoch 1/1" in log.message for log in logs)  # training progress reaches the UI
+        assert json.loads((tmp_path / "latest" / "run.json").read_text())["status"] == "completed"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
