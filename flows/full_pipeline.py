@@ -22,6 +22,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import shlex  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -63,19 +64,25 @@ def retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001
     return True
 
 
-def run_cli_subprocess(args: list[str], log_file: Path, env: dict[str, str] | None = None) -> None:
-    """Run `python -m fmnist_pl ARGS` in its own process, streaming its output to the run's log.
+def run_cli_subprocess(args: list[str], log_file: Path, env: dict[str, str] | None = None, launcher: str = "") -> None:
+    """Run `[launcher] python -m fmnist_pl ARGS` in its own process, streaming its output to the run's log.
 
     A subprocess, because Lightning's DDP launcher re-runs the current command for every extra rank:
-    inside the flow's process that command would be the whole flow.
+    inside the flow's process that command would be the whole flow. `launcher` (e.g. `srun`) starts the
+    command once per task of a multi-node allocation, as Lightning's multi-node guide does.
     """
     logger = get_run_logger()
-    command = [sys.executable, "-m", "fmnist_pl", *args]
+    command = [*shlex.split(launcher), sys.executable, "-m", "fmnist_pl", *args]
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env={**os.environ, **(env or {})}
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env={**os.environ, **(env or {})},
         )
         for line in process.stdout:
             log.write(line)
@@ -111,17 +118,26 @@ def download_data(data_dir: str | None, require_official: bool) -> dict:
     started = time.perf_counter()
     tensors = load_dataset(data_dir, require_official=require_official)  # what the data module's prepare_data runs
     get_run_logger().info(f"Fashion-MNIST from {tensors.source_dir}, verified")
-    return {"source_dir": tensors.source_dir, "sha256": tensors.sha256, "wall_seconds": round(time.perf_counter() - started, 2)}
+    return {
+        "source_dir": tensors.source_dir,
+        "sha256": tensors.sha256,
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
 
 
-@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_condition_fn=retry_unless_bad_input,
-      task_run_name="train-{network}")
+@task(
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_condition_fn=retry_unless_bad_input,
+    task_run_name="train-{network}",
+)
 def train_model(network: str, settings: dict, data: dict, steps_dir: str) -> dict:
     """`fmnist-pl fit` for one network; cached on its inputs, resumed from last.ckpt after an interruption."""
     logger = get_run_logger()
     config = packaged_configs()[f"{settings['profile']}_{network}"]
     overrides = cli_settings(settings, data)
-    inputs = {k: v for k, v in settings.items() if k != "env"}  # thread counts change speed, not results
+    # Thread counts and the launcher change how training runs, not what it computes.
+    inputs = {k: v for k, v in settings.items() if k not in ("env", "train_launcher")}
     key = step_key(step="train", network=network, config=config.read_text(), settings=inputs, data=data["sha256"],
                    version=__version__)  # fmt: skip
     work = Path(steps_dir) / f"train-{network}-{key}"
@@ -140,6 +156,7 @@ def train_model(network: str, settings: dict, data: dict, steps_dir: str) -> dic
          f"--trainer.logger.init_args.version={work.name}", "--trainer.enable_progress_bar=false", *resume],
         work / "train.log",
         env=settings.get("env"),
+        launcher=settings["train_launcher"] or "",
     )  # fmt: skip
     result = {
         "network": network,
@@ -152,8 +169,12 @@ def train_model(network: str, settings: dict, data: dict, steps_dir: str) -> dic
     return {**result, "cached": False}
 
 
-@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=retry_unless_bad_input,
-      task_run_name="evaluate-{network}")
+@task(
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retry_condition_fn=retry_unless_bad_input,
+    task_run_name="evaluate-{network}",
+)
 def evaluate_model(network: str, trained: dict, settings: dict, data: dict, steps_dir: str) -> dict:
     """`fmnist-pl test` on the best checkpoint, and `predict` on the test and training splits (for the report)."""
     config = packaged_configs()[f"{settings['profile']}_{network}"]
@@ -173,7 +194,9 @@ def evaluate_model(network: str, trained: dict, settings: dict, data: dict, step
     # In this process (one device, so no DDP launcher is involved): saves three interpreter start-ups.
     run_cli(["test", *common, "--trainer.logger.init_args.version=test"])
     for split in ("test", "train"):
-        run_cli(["predict", *common, f"--data.predict_split={split}", f"--trainer.logger.init_args.version=predict_{split}"])
+        run_cli(
+            ["predict", *common, f"--data.predict_split={split}", f"--trainer.logger.init_args.version=predict_{split}"]
+        )
     result = {"network": network, "dir": str(work), "train_dir": trained["dir"],
               "wall_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
     write_text_atomic(done, json.dumps(result, indent=2) + "\n")
@@ -210,7 +233,7 @@ def new_run_dir(output_dir: Path) -> Path:
 
 @flow(name="fmnist-full-pipeline", log_prints=True)
 def full_pipeline(
-    models: list[str] = list(NETWORKS),
+    models: list[str] | None = None,
     profile: str = "fast",
     epochs: int | None = None,
     batch_size: int | None = None,
@@ -219,12 +242,14 @@ def full_pipeline(
     devices: str = "auto",
     strategy: str = "auto",
     num_nodes: int = 1,
+    train_launcher: str | None = None,
     seed: int = 0,
     data_dir: str | None = None,
     output_dir: str = "outputs",
     require_official: bool = True,
 ) -> str:
-    """Download → train → evaluate → report; returns the run folder. None for epochs/batch size: the profile's."""
+    """Download → train → evaluate → report; returns the run folder. None: both models, the profile's epochs etc."""
+    models = list(models or NETWORKS)
     unknown = sorted(set(models) - set(NETWORKS)) + ([profile] if profile not in PROFILES else [])
     if unknown or not models:
         raise ValueError(f"unknown model or profile {unknown}: models are {NETWORKS}, profiles {PROFILES}")
@@ -232,9 +257,15 @@ def full_pipeline(
     run_dir = new_run_dir(output)
     steps_dir = str(output / "steps")
     settings = {"profile": profile, "epochs": epochs, "batch_size": batch_size, "val_size": val_size, "accelerator": accelerator,
-                "devices": devices, "strategy": strategy, "num_nodes": num_nodes, "seed": seed,
+                "devices": devices, "strategy": strategy, "num_nodes": num_nodes, "train_launcher": train_launcher, "seed": seed,
                 "require_official": require_official}  # fmt: skip
-    record = {"run_dir": str(run_dir), "status": "running", "settings": settings, "steps": {}, "started": datetime.now().isoformat()}
+    record = {
+        "run_dir": str(run_dir),
+        "status": "running",
+        "settings": settings,
+        "steps": {},
+        "started": datetime.now().isoformat(),
+    }
     write_text_atomic(run_dir / "run.json", json.dumps(record, indent=2) + "\n")
     print(f"fmnist-pl pipeline: run folder {run_dir}")
 
@@ -275,7 +306,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
         description="Train, evaluate and compare the reference study's two networks on Fashion-MNIST.",
         epilog="`serve --cron EXPR` registers a scheduled deployment instead of running once.",
     )
-    parser.add_argument("command", nargs="?", choices=["run", "serve"], default="run", help="run once (default) or serve")
+    parser.add_argument(
+        "command", nargs="?", choices=["run", "serve"], default="run", help="run once (default) or serve"
+    )
     parser.add_argument("--models", nargs="+", choices=NETWORKS, default=list(NETWORKS), help="networks to train")
     parser.add_argument("--profile", choices=PROFILES, default="fast", help="fast (default) or reference (the study)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: the profile's)")
@@ -285,6 +318,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     parser.add_argument("--devices", default="auto", help="devices per node: a number, or auto (default)")
     parser.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default: auto)")
     parser.add_argument("--num-nodes", type=int, default=1, help="nodes for multi-node DDP (default 1)")
+    parser.add_argument("--train-launcher", help="command that starts training once per task, e.g. 'srun' in a "
+                        "SLURM allocation for --num-nodes > 1")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed for all randomness (default 0)")
     parser.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: $FMNIST_DATA_DIR, "
                         "a local copy, or the official download)")  # fmt: skip
@@ -297,7 +332,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     if args.command == "serve" and not args.cron:
         parser.error("serve needs --cron, e.g. --cron '0 3 * * *'")
     parameters = {k: getattr(args, k) for k in ("models", "profile", "epochs", "batch_size", "val_size", "accelerator", "devices",
-                                                 "strategy", "num_nodes", "seed", "data_dir", "output_dir",
+                                                 "strategy", "num_nodes", "train_launcher", "seed", "data_dir", "output_dir",
                                                  "require_official")}  # fmt: skip
     return args, parameters
 

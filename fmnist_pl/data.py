@@ -61,7 +61,9 @@ def _read_bytes(path: Path) -> bytes:
                 return f.read()
         return path.read_bytes()
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut-off .gz raises EOFError
-        raise DataError(f"{path}: cannot be read ({e}); the file is truncated or corrupt, copy or download it again") from e
+        raise DataError(
+            f"{path}: cannot be read ({e}); the file is truncated or corrupt, copy or download it again"
+        ) from e
 
 
 def read_idx(path: Path, kind: str, data: bytes | None = None) -> np.ndarray:
@@ -72,7 +74,9 @@ def read_idx(path: Path, kind: str, data: bytes | None = None) -> np.ndarray:
     data = _read_bytes(path) if data is None else data
     header_len = 16 if kind == "images" else 8
     if len(data) < header_len:
-        raise DataError(f"{path}: only {len(data)} bytes, too short to be an IDX {kind} file; copy or download it again")
+        raise DataError(
+            f"{path}: only {len(data)} bytes, too short to be an IDX {kind} file; copy or download it again"
+        )
     magic, count = np.frombuffer(data[:8], dtype=">u4")
     if magic != IDX_MAGIC[kind]:
         raise DataError(
@@ -301,7 +305,11 @@ class ShardedBatches(IterableDataset):
 
     def __len__(self) -> int:
         n = len(self.labels)
-        per_rank = n // self.world_size if self.shuffle else (self.rank + 1) * n // self.world_size - self.rank * n // self.world_size
+        per_rank = (
+            n // self.world_size
+            if self.shuffle
+            else (self.rank + 1) * n // self.world_size - self.rank * n // self.world_size
+        )
         return -(-per_rank // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -347,13 +355,17 @@ class FashionMNISTDataModule(L.LightningDataModule):
         if not 0 < val_size < 60_000:
             raise ConfigError(f"data.val_size must be between 1 and 59,999 (of 60,000 training images), got {val_size}")
         if batch_size < 1 or eval_batch_size < 1:
-            raise ConfigError(f"data.batch_size and data.eval_batch_size must be ≥ 1, got {batch_size}, {eval_batch_size}")
+            raise ConfigError(
+                f"data.batch_size and data.eval_batch_size must be ≥ 1, got {batch_size}, {eval_batch_size}"
+            )
         self.save_hyperparameters()
         self.tensors: FashionMNISTTensors | None = None
 
     def prepare_data(self) -> None:
         # Runs once per node before setup(): downloads and writes the decoded cache that setup() then reads.
-        load_dataset(self.hparams.data_dir, self.hparams.cache_dir, self.hparams.download, self.hparams.require_official)
+        load_dataset(
+            self.hparams.data_dir, self.hparams.cache_dir, self.hparams.download, self.hparams.require_official
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.tensors is None:
@@ -362,7 +374,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
             )
         n_train = len(self.tensors.train_labels)
         if self.hparams.val_size >= n_train:
-            raise ConfigError(f"data.val_size={self.hparams.val_size} leaves no training images (the data has {n_train})")
+            raise ConfigError(
+                f"data.val_size={self.hparams.val_size} leaves no training images (the data has {n_train})"
+            )
 
     @property
     def data_checksums(self) -> dict[str, str]:

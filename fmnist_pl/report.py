@@ -74,11 +74,13 @@ def plot_curves(history: pd.DataFrame, network: str, path: Path) -> int:
     epochs = history["epoch"] + 1
     best = int(epochs[history["val/acc"].idxmax()])
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("loss", "acc")):
+    for ax, metric in zip(axes, ("loss", "acc"), strict=True):
         ax.plot(epochs, history[f"train/{metric}"], "o-", ms=3, label="train")
         ax.plot(epochs, history[f"val/{metric}"], "o-", ms=3, label="validation")
         ax.axvline(best, color="grey", ls="--", lw=1, label=f"best validation (epoch {best})")
-        ax.set(xlabel="epoch", ylabel="accuracy" if metric == "acc" else "cross-entropy loss", title=f"{network}: {metric}")
+        ax.set(
+            xlabel="epoch", ylabel="accuracy" if metric == "acc" else "cross-entropy loss", title=f"{network}: {metric}"
+        )
         ax.grid(alpha=0.3)
         ax.legend()
     _save(figure, path)
@@ -108,9 +110,12 @@ def plot_gallery(images: torch.Tensor, predictions: pd.DataFrame, title: str, pa
     figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 2.0), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (index, row) in zip(axes.flat, wrong.iterrows()):
+    for ax, (index, row) in zip(axes.flat, wrong.iterrows(), strict=False):  # more axes than mistakes is fine
         ax.imshow(images[int(index)], cmap="gray_r")
-        ax.set_title(f"true {CLASS_NAMES[int(row['label'])]}\npred {CLASS_NAMES[int(row['predicted'])]}\n{row['confidence']:.0%}", fontsize=7)
+        ax.set_title(
+            f"true {CLASS_NAMES[int(row['label'])]}\npred {CLASS_NAMES[int(row['predicted'])]}\n{row['confidence']:.0%}",
+            fontsize=7,
+        )
     figure.suptitle(title)
     _save(figure, path)
 
@@ -188,8 +193,12 @@ def build_report(run_dir: Path) -> dict:
         eval_dir = Path(steps[f"evaluate-{network}"]["dir"])
         history = pd.read_csv(_read(train_dir / "history.csv", f"{network} training history"))
         test = json.loads(_read(eval_dir / "test" / "test_metrics.json", f"{network} test metrics").read_text())
-        test_predictions = pd.read_csv(_read(eval_dir / "predict_test" / "predictions.csv", "test predictions"), index_col="index")
-        train_predictions = pd.read_csv(_read(eval_dir / "predict_train" / "predictions.csv", "train predictions"), index_col="index")
+        test_predictions = pd.read_csv(
+            _read(eval_dir / "predict_test" / "predictions.csv", "test predictions"), index_col="index"
+        )
+        train_predictions = pd.read_csv(
+            _read(eval_dir / "predict_train" / "predictions.csv", "train predictions"), index_col="index"
+        )
         test_matrix = pd.read_csv(eval_dir / "test" / "confusion_matrix_test.csv", index_col=0).to_numpy()
         train_matrix = confusion_from_predictions(train_predictions)
         scores = per_class_scores(test_matrix)
@@ -201,7 +210,9 @@ def build_report(run_dir: Path) -> dict:
             with atomic_write(run_dir / "tables" / name) as tmp:
                 table.to_csv(tmp)
         best_epoch = plot_curves(history, network, run_dir / "figures" / f"{network}_curves.png")
-        plot_confusion(test_matrix, f"{network}: test confusion matrix", run_dir / "figures" / f"{network}_confusion_test.png")
+        plot_confusion(
+            test_matrix, f"{network}: test confusion matrix", run_dir / "figures" / f"{network}_confusion_test.png"
+        )
         plot_confusion(train_matrix, f"{network}: training-set confusion matrix",
                        run_dir / "figures" / f"{network}_confusion_train.png")  # fmt: skip
         plot_gallery(tensors.test_images, test_predictions, f"{network}: most confident mistakes on the test set",
@@ -261,7 +272,11 @@ def build_report(run_dir: Path) -> dict:
         "cached steps": [s for s, v in steps.items() if isinstance(v, dict) and v.get("cached")],
     }  # fmt: skip
     head = [
-        Section("Comparison", [verdict, "Reference rows are the 2020 study's published figures (seed-spec.md)."], [comparison]),
+        Section(
+            "Comparison",
+            [verdict, "Reference rows are the 2020 study's published figures (seed-spec.md)."],
+            [comparison],
+        ),
         *sections,
         Section("The study's test confusion matrices (published)", [], study_tables),
         Section("Training images", [], [], [("figures/samples.png", "Sample training images per class")]),
@@ -270,8 +285,14 @@ def build_report(run_dir: Path) -> dict:
     title = f"fmnist-pl report: {run_dir.name}"
     write_text_atomic(run_dir / "report.md", _markdown(title, head))
     write_text_atomic(run_dir / "report.html", _html(title, head, run_dir))
-    summary = {"networks": results, "verdict": verdict, "provenance": provenance, "study": {
-        n: {k: v for k, v in s.items() if k != "confusion_matrix_test"} for n, s in STUDY["networks"].items()}}
+    summary = {
+        "networks": results,
+        "verdict": verdict,
+        "provenance": provenance,
+        "study": {
+            n: {k: v for k, v in s.items() if k != "confusion_matrix_test"} for n, s in STUDY["networks"].items()
+        },
+    }
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     summary["table"] = comparison.to_dict(orient="records")
     return summary
@@ -279,7 +300,7 @@ def build_report(run_dir: Path) -> dict:
 
 def _verdict(results: dict) -> str:
     if len(results) < 2:
-        (network, r), = results.items()
+        ((network, r),) = results.items()
         return f"Only {network} was trained: {r['test_accuracy']:.2%} test accuracy."
     by_accuracy = sorted(results, key=lambda n: results[n]["test_accuracy"], reverse=True)
     best, other = by_accuracy[0], by_accuracy[1]
@@ -293,9 +314,11 @@ def _verdict(results: dict) -> str:
     costly = max(results, key=lambda k: results[k]["training_wall_seconds"])
     if results[costly]["training_wall_seconds"] < 1.1 * results[cheaper]["training_wall_seconds"]:
         cheaper, costly = sorted(results, key=lambda k: results[k]["flops_per_image"])
-        return (f"{accuracy} Both took about as long to train ({results[cheaper]['training_wall_seconds']:.0f} s and "
-                f"{results[costly]['training_wall_seconds']:.0f} s); **{cheaper}** needs fewer FLOPs per image "
-                f"({results[cheaper]['flops_per_image'] / 1e6:.2f} against {results[costly]['flops_per_image'] / 1e6:.2f} M).")
+        return (
+            f"{accuracy} Both took about as long to train ({results[cheaper]['training_wall_seconds']:.0f} s and "
+            f"{results[costly]['training_wall_seconds']:.0f} s); **{cheaper}** needs fewer FLOPs per image "
+            f"({results[cheaper]['flops_per_image'] / 1e6:.2f} against {results[costly]['flops_per_image'] / 1e6:.2f} M)."
+        )
     cost = (f"**{cheaper}** costs less to train: {results[cheaper]['training_wall_seconds']:.0f} s against "
             f"{results[costly]['training_wall_seconds']:.0f} s, with {results[cheaper]['flops_per_image'] / 1e6:.2f} against "
             f"{results[costly]['flops_per_image'] / 1e6:.2f} MFLOPs per image and {results[cheaper]['trainable_parameters']:,} "
@@ -354,4 +377,6 @@ def report_main(argv: list[str]) -> None:
     parser.add_argument("run_dir", type=Path, help="a pipeline run folder, e.g. outputs/latest")
     args = parser.parse_args(argv)
     build_report(args.run_dir)
-    print(f"report written: {args.run_dir / 'report.md'}, {args.run_dir / 'report.html'}, {args.run_dir / 'summary.json'}")
+    print(
+        f"report written: {args.run_dir / 'report.md'}, {args.run_dir / 'report.html'}, {args.run_dir / 'summary.json'}"
+    )

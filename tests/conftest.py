@@ -16,7 +16,9 @@ N_TRAIN, N_TEST = 640, 101  # 101: odd and prime, so no device count divides the
 def idx_bytes(array: np.ndarray) -> bytes:
     """Serialize a uint8 array (N or N×28×28) in the IDX format."""
     magic = 0x00000801 if array.ndim == 1 else 0x00000803
-    return struct.pack(">II", magic, len(array)) + struct.pack(f">{array.ndim - 1}I", *array.shape[1:]) + array.tobytes()
+    return (
+        struct.pack(">II", magic, len(array)) + struct.pack(f">{array.ndim - 1}I", *array.shape[1:]) + array.tobytes()
+    )
 
 
 def make_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -76,7 +76,11 @@ def test_packaged_reference_configs_hold_the_studys_settings() -> None:
     for config, lr, l2 in ((dense, 1e-4, 1e-6), (cnn, 1e-3, 1e-3)):
         assert (config["model"]["learning_rate"], config["model"]["l2_penalty"]) == (lr, l2)
         assert config["model"]["adam_epsilon"] == 1e-7
-        assert (config["data"]["batch_size"], config["data"]["val_size"], config["trainer"]["max_epochs"]) == (32, 5000, 30)
+        assert (config["data"]["batch_size"], config["data"]["val_size"], config["trainer"]["max_epochs"]) == (
+            32,
+            5000,
+            30,
+        )
 
 
 def test_print_config_resolves_a_packaged_config_by_name(capsys: pytest.CaptureFixture) -> None:
@@ -116,7 +120,12 @@ def test_console_entry_points_answer_help() -> None:
 def test_resumed_fit_continues_the_same_history_as_an_uninterrupted_one(tiny_data: Path, tmp_path: Path) -> None:
     straight = fit(tiny_data, tmp_path / "straight", "--trainer.max_epochs=3")
     interrupted = fit(tiny_data, tmp_path / "resumed", "--trainer.max_epochs=2")
-    fit(tiny_data, tmp_path / "resumed", "--trainer.max_epochs=3", f"--ckpt_path={interrupted / 'checkpoints' / 'last.ckpt'}")
+    fit(
+        tiny_data,
+        tmp_path / "resumed",
+        "--trainer.max_epochs=3",
+        f"--ckpt_path={interrupted / 'checkpoints' / 'last.ckpt'}",
+    )
     columns = ["epoch", "train/loss", "train/acc", "val/loss", "val/acc"]
     expected = pd.read_csv(straight / "history.csv")[columns]
     resumed = pd.read_csv(interrupted / "history.csv")[columns]

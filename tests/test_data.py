@@ -106,11 +106,15 @@ def test_damaged_files_stop_with_a_message_naming_the_file(tiny_data: Path, how:
     assert named in str(error.value) and "\n" not in str(error.value)
 
 
-def test_official_check_rejects_wrong_counts_and_wrong_content(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_official_check_rejects_wrong_counts_and_wrong_content(
+    tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(DataError, match="640 images, the official file has 60,000"):
         load_dataset(tiny_data, require_official=True)
     # With the counts made to match, the content hash is what catches a wrong dataset.
-    tiny_counts = {stem: (s, k, N_TRAIN if s == "train" else N_TEST, sha) for stem, (s, k, _, sha) in data.OFFICIAL_FILES.items()}
+    tiny_counts = {
+        stem: (s, k, N_TRAIN if s == "train" else N_TEST, sha) for stem, (s, k, _, sha) in data.OFFICIAL_FILES.items()
+    }
     monkeypatch.setattr(data, "OFFICIAL_FILES", tiny_counts)
     with pytest.raises(DataError, match="content differs from the official Fashion-MNIST file"):
         load_dataset(tiny_data, require_official=True)
@@ -140,10 +144,10 @@ def test_split_takes_the_first_val_size_images_for_validation(tiny_data: Path) -
     module = FashionMNISTDataModule(data_dir=str(tiny_data), require_official=False, val_size=100, batch_size=64)
     module.setup("fit")
     raw_x, raw_y = make_split(N_TRAIN, 0)
-    val_x, val_y = (torch.cat(t) for t in zip(*module.val_dataloader()))
+    val_x, val_y = (torch.cat(t) for t in zip(*module.val_dataloader(), strict=True))
     assert torch.equal(val_y, torch.from_numpy(raw_y[:100]).long())
     assert torch.allclose(val_x.squeeze(1), torch.from_numpy(raw_x[:100]).float() / 255)
-    train_x, train_y = (torch.cat(t) for t in zip(*module.train_dataloader()))
+    train_x, train_y = (torch.cat(t) for t in zip(*module.train_dataloader(), strict=True))
     assert len(train_y) == N_TRAIN - 100 and 0.0 <= train_x.min() and train_x.max() <= 1.0
     # The training split is exactly the rest: same label counts as images 100..639.
     assert torch.equal(train_y.bincount(minlength=10), torch.from_numpy(raw_y[100:]).long().bincount(minlength=10))
@@ -199,7 +203,7 @@ def test_augmentation_only_flips_and_shifts() -> None:
     images = torch.rand(16, 1, 28, 28)
     out = shift_and_flip(images, torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(images, [2] * 4)
-    for original, augmented in zip(padded, out):
+    for original, augmented in zip(padded, out, strict=True):
         candidates = [
             view[..., dy : dy + 28, dx : dx + 28]
             for view in (original, original.flip(-1))

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import FLOW_FILE
 
 
@@ -96,7 +95,11 @@ def test_killed_training_resumes_from_its_last_checkpoint(
     deadline = time.monotonic() + 240
     history = None
     while time.monotonic() < deadline and process.poll() is None:
-        history = next((tmp_path / "steps").glob("train-dense-*/history.csv"), None) if (tmp_path / "steps").exists() else None
+        history = (
+            next((tmp_path / "steps").glob("train-dense-*/history.csv"), None)
+            if (tmp_path / "steps").exists()
+            else None
+        )
         if history and len(pd.read_csv(history)) >= 3:
             break
         time.sleep(0.2)
@@ -120,7 +123,20 @@ def test_fresh_home_no_server_two_ddp_processes_and_no_traceback(tiny_data: Path
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
-    args = cli_flow_args(tiny_data, tmp_path / "out", "--models", "cnn", "--epochs", "1", "--devices", "2", "--strategy", "ddp")
+    args = cli_flow_args(
+        tiny_data,
+        tmp_path / "out",
+        "--models",
+        "cnn",
+        "--epochs",
+        "1",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--train-launcher",
+        "env FMNIST_LAUNCHED=1",
+    )  # a launcher prefix, as `srun` would be
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=420)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -129,6 +145,7 @@ def test_fresh_home_no_server_two_ddp_processes_and_no_traceback(tiny_data: Path
     run_dir = tmp_path / "out" / "latest"
     train_log = (run_dir / "cnn" / "train" / "train.log").read_text()
     assert "Starting with 2 processes" in train_log or "MEMBER: 2/2" in train_log
+    assert "$ env FMNIST_LAUNCHED=1 " in train_log
     metrics = json.loads((run_dir / "cnn" / "evaluate" / "test" / "test_metrics.json").read_text())
     assert metrics["images"] == 101
 

@@ -57,7 +57,10 @@ def test_report_numbers_match_the_metrics_files(finished_run: Path) -> None:
         train_matrix = pd.read_csv(finished_run / "tables" / f"{network}_confusion_matrix_train.csv", index_col=0)
         predictions = pd.read_csv(finished_run / network / "evaluate" / "predict_train" / "predictions.csv")
         assert train_matrix.to_numpy().sum() == len(predictions) == 540  # 640 training images less 100 validation
-    assert summary["provenance"]["data sha256"] == json.loads((finished_run / "run.json").read_text())["steps"]["download"]["sha256"]
+    assert (
+        summary["provenance"]["data sha256"]
+        == json.loads((finished_run / "run.json").read_text())["steps"]["download"]["sha256"]
+    )
     assert "torch" in summary["provenance"]["packages"]
 
 
@@ -103,7 +106,7 @@ def test_scores_and_confusions_from_known_counts() -> None:
 
 
 def test_study_reference_figures_are_consistent() -> None:
-    for network, figures in STUDY["networks"].items():
+    for figures in STUDY["networks"].values():
         matrix = np.array(figures["confusion_matrix_test"])
         assert matrix.sum() == 10_000 and (matrix.sum(axis=1) == 1_000).all()
         assert np.trace(matrix) / 10_000 == pytest.approx(figures["test_accuracy"])
