@@ -206,11 +206,21 @@ def evaluate_model(network: str, trained: dict, settings: dict, data: dict, step
 @task(retries=1, task_run_name="report")
 def write_report(run_dir: str) -> dict:
     """Build the comparison report from the run folder's files and publish it as Prefect artifacts."""
+    started = time.perf_counter()
     summary = build_report(Path(run_dir))
     markdown = (Path(run_dir) / "report.md").read_text()
     create_markdown_artifact(markdown=markdown, key="fmnist-report", description="fmnist-pl comparison report")
     create_table_artifact(table=summary["table"], key="fmnist-results", description="Test accuracy per network")
-    return summary
+    return {"report": str(Path(run_dir) / "report.md"), "wall_seconds": round(time.perf_counter() - started, 2)}
+
+
+def on_cpu(accelerator: str) -> bool:
+    """Whether Lightning's accelerator choice resolves to the CPU on this machine."""
+    import torch
+
+    return accelerator == "cpu" or (
+        accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    )
 
 
 def new_run_dir(output_dir: Path) -> Path:
@@ -282,7 +292,7 @@ def full_pipeline(
         return result
 
     data = finish("download", download_data.submit(data_dir, require_official))
-    if accelerator == "cpu" and len(models) > 1 and devices == "auto":
+    if on_cpu(accelerator) and len(models) > 1 and devices in ("auto", "1", 1):
         # Independent trainings side by side on CPU: give each its share of the cores rather than
         # letting both oversubscribe every core.
         settings["env"] = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(models)))}

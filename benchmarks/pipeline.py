@@ -1,0 +1,67 @@
+"""End-to-end pipeline benchmark: wall time and both test accuracies per seed, median and min–max.
+
+    python benchmarks/pipeline.py [--profile fast] [--seeds 0 1 2] [-- extra flow options]
+
+Each seed runs `python flows/full_pipeline.py` as a user would, into a fresh output folder (so nothing is
+reused from a cache; the decoded-data cache in ~/.cache/fmnist_pl is kept, as on any second run), with no
+Prefect server configured unless PREFECT_API_URL is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FLOW = Path(__file__).resolve().parents[1] / "flows" / "full_pipeline.py"
+
+
+def run_once(profile: str, seed: int, extra: list[str]) -> dict:
+    """One whole pipeline run; returns its wall time and summary."""
+    with tempfile.TemporaryDirectory(prefix="fmnist-bench-") as out:
+        command = [sys.executable, str(FLOW), "--profile", profile, "--seed", str(seed), "--output-dir", out, *extra]
+        started = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if result.returncode != 0:
+            sys.exit(f"pipeline failed (seed {seed}):\n{result.stderr[-3000:]}")
+        summary = json.loads((Path(out) / "latest" / "summary.json").read_text())
+        record = json.loads((Path(out) / "latest" / "run.json").read_text())
+    steps = {name: step.get("wall_seconds") for name, step in record["steps"].items()}
+    return {"seed": seed, "wall": wall, "steps": steps,
+            **{n: r["test_accuracy"] for n, r in summary["networks"].items()}}  # fmt: skip
+
+
+def describe(values: list[float], fmt: str) -> str:
+    return (
+        f"median {fmt.format(statistics.median(values))} (min {fmt.format(min(values))}, max {fmt.format(max(values))})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="fast")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("extra", nargs="*", help="further flow options, after --")
+    args = parser.parse_args()
+    runs = []
+    for seed in args.seeds:
+        run = run_once(args.profile, seed, args.extra)
+        runs.append(run)
+        accuracies = ", ".join(f"{n} {run[n]:.2%}" for n in ("dense", "cnn") if n in run)
+        steps = ", ".join(f"{s} {v:.0f}s" for s, v in run["steps"].items() if v is not None)
+        print(f"seed {seed}: wall {run['wall']:.1f} s; test accuracy {accuracies}  [{steps}]", flush=True)
+    print(f"profile {args.profile}, {len(runs)} runs: wall {describe([r['wall'] for r in runs], '{:.1f} s')}")
+    for network in ("dense", "cnn"):
+        if network in runs[0]:
+            values = [r[network] for r in runs]
+            print(f"  {network}: test accuracy mean {statistics.mean(values):.2%}, {describe(values, '{:.2%}')}")
+
+
+if __name__ == "__main__":
+    main()
