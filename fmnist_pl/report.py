@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -78,9 +79,9 @@ def plot_curves(history: pd.DataFrame, network: str, path: Path) -> int:
         ax.plot(epochs, history[f"train/{metric}"], "o-", ms=3, label="train")
         ax.plot(epochs, history[f"val/{metric}"], "o-", ms=3, label="validation")
         ax.axvline(best, color="grey", ls="--", lw=1, label=f"best validation (epoch {best})")
-        ax.set(
-            xlabel="epoch", ylabel="accuracy" if metric == "acc" else "cross-entropy loss", title=f"{network}: {metric}"
-        )
+        label = "accuracy" if metric == "acc" else "cross-entropy loss"
+        ax.set(xlabel="epoch", ylabel=label, title=f"{network}: {label}")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     _save(figure, path)
