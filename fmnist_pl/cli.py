@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fmnist_pl.data import FashionMNISTDataModule
 from fmnist_pl.errors import ConfigError, FmnistError
-from fmnist_pl.module import FashionMNISTClassifier, PredictionsWriter
+from fmnist_pl.module import FashionMNISTClassifier, LastCheckpoint, PredictionsWriter
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CKPT_KEYWORDS = {"best", "last", "hpc", "registry"}  # ckpt_path values Lightning resolves itself
@@ -62,8 +62,7 @@ class FashionMNISTCLI(LightningCLI):
             {
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
-                "checkpoint.filename": "best",  # plus last.ckpt: stable names the pipeline can point at
-                "checkpoint.save_last": True,
+                "checkpoint.filename": "best",  # stable names the pipeline can point at; last.ckpt: LastCheckpoint
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
@@ -97,7 +96,7 @@ def _run_cli(argv: list[str] | None) -> None:
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": "outputs", "name": "runs"},
             },
-            "callbacks": [PredictionsWriter()],
+            "callbacks": [LastCheckpoint(), PredictionsWriter()],
         },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

@@ -70,6 +70,7 @@ class FashionMNISTClassifier(L.LightningModule):
             raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()
         self.network = NETWORKS[network]()
+        self.example_input_array = torch.zeros(1, 1, 28, 28)  # lets Lightning's summary show shapes and FLOPs
         # Inputs are ours and well-formed, so torchmetrics' per-update argument checks are skipped.
         self.loss = {split: MeanMetric() for split in EVAL_SPLITS}
         self.accuracy = {split: MulticlassAccuracy(10, average="micro", validate_args=False) for split in EVAL_SPLITS}
@@ -229,6 +230,17 @@ class FashionMNISTClassifier(L.LightningModule):
             optimizer, max_lr=self.hparams.learning_rate, total_steps=self.trainer.estimated_stepping_batches
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class LastCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+    """`last.ckpt`, rewritten after every epoch: what an interrupted run resumes from.
+
+    ModelCheckpoint(save_last=True) is not that: in Lightning 2.6 it rewrites last.ckpt only when a best
+    checkpoint is saved too, so after the last improvement it stops following the run.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
 
 
 class PredictionsWriter(L.pytorch.callbacks.BasePredictionWriter):

@@ -131,3 +131,14 @@ def test_resumed_fit_continues_the_same_history_as_an_uninterrupted_one(tiny_dat
     resumed = pd.read_csv(interrupted / "history.csv")[columns]
     assert list(resumed["epoch"]) == [0, 1, 2]  # no epoch lost or repeated
     pd.testing.assert_frame_equal(resumed, expected)  # same batches, same optimizer state: same numbers
+
+
+def test_last_checkpoint_follows_every_epoch_even_without_improvement(tiny_data: Path, tmp_path: Path) -> None:
+    import torch
+
+    run = fit(tiny_data, tmp_path, "--trainer.max_epochs=3", "--model.learning_rate=1e-9")  # validation never improves
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert best["epoch"] == 0 and last["epoch"] == 2
+    assert [row["epoch"] for row in last["epoch_history"]] == [0, 1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
