@@ -69,6 +69,14 @@ def plain_loop(network: str, data: FashionMNISTDataModule, batch_size: int, warm
     return steps * batch_size / (time.perf_counter() - started)
 
 
+def data_only(data: FashionMNISTDataModule) -> tuple[float, float]:
+    """One full training epoch of batches with no model: (seconds, images/s). Loading's share of an epoch."""
+    started = time.perf_counter()
+    images = sum(len(labels) for _, labels in data.train_dataloader())
+    seconds = time.perf_counter() - started
+    return seconds, images / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--networks", nargs="+", default=["dense", "cnn"])
@@ -82,6 +90,8 @@ def main() -> None:
     data.setup("fit")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"{args.steps} timed steps per round, {args.rounds} rounds")  # fmt: skip
+    load_seconds, load_rate = data_only(data)
+    print(f"data only: one training epoch of batches in {load_seconds:.2f} s ({load_rate:,.0f} images/s)")
     print(
         f"{'network':8} {'Lightning img/s':>16} {'plain img/s':>12} {'ratio':>7}   (median of rounds; per-round ratios)"
     )

@@ -266,6 +266,7 @@ def build_report(run_dir: Path) -> dict:
                     for n in results if n in STUDY["networks"]]  # fmt: skip
     provenance = {
         "run": record.get("run_dir"), "started": record.get("started"), "settings": settings,
+        "configs": {n: str(Path(steps[f"train-{n}"]["dir"]) / "config.yaml") for n in networks},
         "data source": data["source_dir"], "data sha256": data["sha256"], "packages": _versions(),
         "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, "
                    f"{torch.get_num_threads()} torch threads, CUDA {'available' if torch.cuda.is_available() else 'not available'}",
