@@ -17,6 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from fmnist_pl.cli import default_progress_bar
 from fmnist_pl.data import FashionMNISTDataModule
 from fmnist_pl.module import FashionMNISTClassifier
 
@@ -42,12 +43,12 @@ class StepTimer(L.Callback):
 
 
 def lightning_fit(network: str, data: FashionMNISTDataModule, batch_size: int, warmup: int, steps: int) -> float:
-    """Images/s of `Trainer.fit` with the project's module, as the CLI runs it (progress bar and logging on)."""
+    """Images/s of `Trainer.fit` with the project's module, with the CLI's progress bar."""
     model = FashionMNISTClassifier(network=network, **STUDY_SETTINGS[network])
     timer = StepTimer(warmup, steps)
     trainer = L.Trainer(max_epochs=1, limit_train_batches=warmup + steps, limit_val_batches=0, accelerator="cpu",
                         devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        callbacks=[timer], num_sanity_val_steps=0)  # fmt: skip
+                        callbacks=[timer, default_progress_bar()], num_sanity_val_steps=0)  # fmt: skip
     trainer.fit(model, datamodule=data)
     return steps * batch_size / timer.seconds
 
