@@ -23,6 +23,8 @@ from fmnist_pl.networks import NETWORKS, count_trainable_parameters
 EVAL_SPLITS = ("val", "test")
 # PredictionsWriter needs no batch indices (ShardedBatches keeps the input order), so Lightning's note is moot.
 warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices.*")
+# The module's transfer_batch_to_device is meant to win over the data module's (which has none of its own).
+warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device` in `LightningModule`.*")
 
 
 def write_confusion_matrix(matrix: torch.Tensor, path: Path) -> None:
