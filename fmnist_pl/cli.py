@@ -23,6 +23,8 @@ CKPT_KEYWORDS = {"best", "last", "hpc", "registry"}  # ckpt_path values Lightnin
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not r.getMessage().startswith("💡"))
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")
+# Testing or predicting from another run's checkpoint is the normal case here, not a surprise.
+warnings.filterwarnings("ignore", message=r".*The dirpath has changed from.*")
 
 
 def packaged_configs() -> dict[str, Path]:
@@ -77,7 +79,10 @@ class FashionMNISTCLI(LightningCLI):
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, default_progress_bar()]
+            callbacks.append(default_progress_bar())
+        if self.subcommand == "predict":  # only then: every callback costs hook calls on every training step
+            callbacks.append(PredictionsWriter())
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
@@ -109,7 +114,7 @@ def _run_cli(argv: list[str] | None) -> None:
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": "outputs", "name": "runs"},
             },
-            "callbacks": [LastCheckpoint(), PredictionsWriter()],
+            "callbacks": [LastCheckpoint()],
         },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

@@ -378,11 +378,6 @@ class FashionMNISTDataModule(L.LightningDataModule):
                 f"data.val_size={self.hparams.val_size} leaves no training images (the data has {n_train})"
             )
 
-    @property
-    def data_checksums(self) -> dict[str, str]:
-        """SHA-256 of each decompressed IDX file, for provenance and cache keys."""
-        return self.tensors.sha256
-
     def _loader(self, images: torch.Tensor, labels: torch.Tensor, train: bool) -> DataLoader:
         trainer = self.trainer
         batches = ShardedBatches(

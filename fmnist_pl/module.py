@@ -172,8 +172,9 @@ class FashionMNISTClassifier(L.LightningModule):
         if self.trainer.sanity_checking or not directory:
             return
         if self.trainer.state.fn == "fit":
-            # Here, not in on_train_epoch_end: ModelCheckpoint saves right after validation, and the
-            # checkpoint must hold this epoch's row. The train metrics hold the whole epoch by now.
+            # Here, not in the module's on_train_epoch_end: the checkpoint callbacks save in their own
+            # on_train_epoch_end, which Lightning runs before the module's, and the checkpoint must hold this row.
+            # Validation runs after the epoch's last training batch, so the training totals are complete here.
             train_loss, train_accuracy = self.train_epoch_results()
             self.history.append(
                 {
