@@ -112,6 +112,27 @@ def cli_settings(settings: dict, data: dict) -> list[str]:
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items() if v is not None]
 
 
+def log_into(folder: Path) -> list[str]:
+    """CLI options that make a run write into exactly `folder` (CSVLogger's save_dir/name/version)."""
+    return [f"--trainer.logger.init_args.save_dir={folder.parent}", "--trainer.logger.init_args.name=",
+            f"--trainer.logger.init_args.version={folder.name}"]  # fmt: skip
+
+
+def reuse_finished(work: Path, what: str) -> dict | None:
+    """A finished step's recorded result, if `work` holds one."""
+    done = work / "done.json"
+    if not done.is_file():
+        return None
+    get_run_logger().info(f"reusing finished {what} {work}")
+    return {**json.loads(done.read_text()), "cached": True}
+
+
+def mark_finished(work: Path, result: dict) -> dict:
+    """Record a step's result in its folder; from then on the step is reused."""
+    write_text_atomic(work / "done.json", json.dumps(result, indent=2) + "\n")
+    return {**result, "cached": False}
+
+
 @task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5), task_run_name="download")
 def download_data(data_dir: str | None, require_official: bool) -> dict:
     """Find or download Fashion-MNIST, verify it and cache the decoded tensors; return its folder and checksums."""
@@ -141,19 +162,15 @@ def train_model(network: str, settings: dict, data: dict, steps_dir: str) -> dic
     key = step_key(step="train", network=network, config=config.read_text(), settings=inputs, data=data["sha256"],
                    version=__version__)  # fmt: skip
     work = Path(steps_dir) / f"train-{network}-{key}"
-    done = work / "done.json"
-    if done.is_file():
-        logger.info(f"{network}: reusing finished training {work}")
-        return {**json.loads(done.read_text()), "cached": True}
+    if finished := reuse_finished(work, f"{network} training"):
+        return finished
     last = work / "checkpoints" / "last.ckpt"
     resume = [f"--ckpt_path={last}"] if last.is_file() else []
     if resume:
         logger.info(f"{network}: resuming the interrupted training from {last}")
     started = time.perf_counter()
     run_cli_subprocess(
-        ["fit", f"--config={config}", *overrides,
-         f"--trainer.logger.init_args.save_dir={work.parent}", "--trainer.logger.init_args.name=",
-         f"--trainer.logger.init_args.version={work.name}", "--trainer.enable_progress_bar=false", *resume],
+        ["fit", f"--config={config}", *overrides, *log_into(work), "--trainer.enable_progress_bar=false", *resume],
         work / "train.log",
         env=settings.get("env"),
         launcher=settings["train_launcher"] or "",
@@ -165,8 +182,7 @@ def train_model(network: str, settings: dict, data: dict, steps_dir: str) -> dic
         "wall_seconds": round(time.perf_counter() - started, 2),
         "resumed": bool(resume),
     }
-    write_text_atomic(done, json.dumps(result, indent=2) + "\n")
-    return {**result, "cached": False}
+    return mark_finished(work, result)
 
 
 @task(
@@ -180,27 +196,19 @@ def evaluate_model(network: str, trained: dict, settings: dict, data: dict, step
     config = packaged_configs()[f"{settings['profile']}_{network}"]
     key = step_key(step="evaluate", train=trained["dir"], data=data["sha256"], version=__version__)
     work = Path(steps_dir) / f"evaluate-{network}-{key}"
-    done = work / "done.json"
-    if done.is_file():
-        get_run_logger().info(f"{network}: reusing finished evaluation {work}")
-        return {**json.loads(done.read_text()), "cached": True}
-    common = [f"--config={config}", f"--ckpt_path={trained['best_checkpoint']}", f"--data.data_dir={data['source_dir']}",
-              f"--data.require_official={str(settings['require_official']).lower()}",
-              *([f"--data.val_size={settings['val_size']}"] if settings["val_size"] else []),
-              f"--trainer.accelerator={settings['accelerator']}", "--trainer.devices=1", "--trainer.strategy=auto",
-              f"--trainer.logger.init_args.save_dir={work}", "--trainer.logger.init_args.name=",
+    if finished := reuse_finished(work, f"{network} evaluation"):
+        return finished
+    one_device = {**settings, "devices": 1, "strategy": "auto", "num_nodes": 1}
+    common = [f"--config={config}", f"--ckpt_path={trained['best_checkpoint']}", *cli_settings(one_device, data),
               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
     started = time.perf_counter()
     # In this process (one device, so no DDP launcher is involved): saves three interpreter start-ups.
-    run_cli(["test", *common, "--trainer.logger.init_args.version=test"])
+    run_cli(["test", *common, *log_into(work / "test")])
     for split in ("test", "train"):
-        run_cli(
-            ["predict", *common, f"--data.predict_split={split}", f"--trainer.logger.init_args.version=predict_{split}"]
-        )
+        run_cli(["predict", *common, f"--data.predict_split={split}", *log_into(work / f"predict_{split}")])
     result = {"network": network, "dir": str(work), "train_dir": trained["dir"],
               "wall_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
-    write_text_atomic(done, json.dumps(result, indent=2) + "\n")
-    return {**result, "cached": False}
+    return mark_finished(work, result)
 
 
 @task(retries=1, task_run_name="report")

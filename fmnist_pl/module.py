@@ -83,9 +83,9 @@ class FashionMNISTClassifier(L.LightningModule):
              for split, m in d.items()}
         )  # fmt: skip
         self._epoch_started = 0.0
-        # Training-epoch sums [loss × images, correct, images]: one tensor op per step instead of metric objects
+        # Training-epoch sums [loss × images, correct] and an image count: one tensor op per step instead of metric objects
         # and per-step logging, which cost more than 3 % of a small network's step. Reduced across ranks per epoch.
-        self.register_buffer("train_totals", torch.zeros(3), persistent=False)
+        self.register_buffer("train_totals", torch.zeros(2), persistent=False)
         self._train_images = 0  # a Python int: no tensor op per step
         self._train_epoch: tuple[int, float, float] | None = None
         # One row per finished epoch. Kept in the checkpoint (see on_save_checkpoint), so a resumed run
@@ -105,8 +105,8 @@ class FashionMNISTClassifier(L.LightningModule):
         """Keras' kernel_regularizer=l2(c): c * sum(W**2) for each penalized weight matrix (never biases)."""
         return self.hparams.l2_penalty * sum(w.pow(2).sum() for w in self.network.penalized_weights())
 
-    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy on logits and metric updates for one batch; returns (data loss, predicted classes)."""
+    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> None:
+        """Cross-entropy on logits and metric updates for one evaluation batch of `split`."""
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
@@ -118,7 +118,6 @@ class FashionMNISTClassifier(L.LightningModule):
             self.confusion[split].update(preds, labels)
         self.log(f"{split}/loss", self.loss[split], on_step=False, on_epoch=True, prog_bar=split != "test")
         self.log(f"{split}/acc", self.accuracy[split], on_step=False, on_epoch=True, prog_bar=True)
-        return loss, preds
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -128,15 +127,14 @@ class FashionMNISTClassifier(L.LightningModule):
             # Report the plain cross-entropy, comparable across label-smoothing settings and with the study.
             plain = data_loss if self.hparams.label_smoothing == 0 else F.cross_entropy(logits, labels)
             correct = (logits.argmax(dim=1) == labels).sum()
-            self.train_totals[:2] += torch.stack((plain * len(labels), correct))
+            self.train_totals += torch.stack((plain * len(labels), correct))
         self._train_images += len(labels)
         return data_loss + self.l2_term()
 
     def train_epoch_results(self) -> tuple[float, float]:
         """This epoch's training (loss, accuracy) over all ranks; reduces once per epoch (call on every rank)."""
         if self._train_epoch is None or self._train_epoch[0] != self.current_epoch:
-            totals = self.train_totals.clone()
-            totals[2] = self._train_images
+            totals = torch.cat((self.train_totals, self.train_totals.new_tensor([self._train_images])))
             loss_sum, correct, images = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
             self._train_epoch = (self.current_epoch, loss_sum / max(images, 1), correct / max(images, 1))
         return self._train_epoch[1:]
