@@ -55,10 +55,22 @@ def resolve_config_names(argv: list[str]) -> list[str]:
     return resolved
 
 
+class EpochMetricsRichProgressBar(RichProgressBar):
+    """Lightning's Rich bar, minus its per-batch refresh of the metrics shown beside the bar.
+
+    Every metric here is logged once per epoch, and the parent refreshes them at the end of each training and
+    validation epoch; re-reading them after every batch cost about 2 % of a small network's step."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # as the parent does, for a run resumed mid-epoch
+        self._update(self.train_progress_bar_id, batch_idx + 1)
+
+
 def default_progress_bar() -> ProgressBar:
-    """Lightning's Rich bar, redrawn 10 times a second instead of 100: the default redraw thread costs
-    about 9 % of a small network's training step on 2 cores."""
-    return RichProgressBar(refresh_rate=10)
+    """The CLI's progress bar, redrawn 4 times a second instead of Rich's default 100: on 2 cores the redraw
+    thread competes with training for the CPU (about 9 % of a small network's step at 100 Hz)."""
+    return EpochMetricsRichProgressBar(refresh_rate=4)
 
 
 class FashionMNISTCLI(LightningCLI):

@@ -142,3 +142,17 @@ def test_last_checkpoint_follows_every_epoch_even_without_improvement(tiny_data:
     assert best["epoch"] == 0 and last["epoch"] == 2
     assert [row["epoch"] for row in last["epoch_history"]] == [0, 1, 2]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_progress_bar_reads_metrics_per_epoch_not_per_batch(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from fmnist_pl.cli import EpochMetricsRichProgressBar
+
+    reads = []
+    original = EpochMetricsRichProgressBar.get_metrics
+    monkeypatch.setattr(
+        EpochMetricsRichProgressBar, "get_metrics", lambda self, *a: reads.append(1) or original(self, *a)
+    )
+    args = [a for a in tiny_args(tiny_data, tmp_path, "--trainer.max_epochs=2") if "enable_progress_bar" not in a]
+    main(["fit", *args, "--trainer.logger.init_args.version=bar"])  # 2 epochs of 17 training batches
+    assert 0 < len(reads) <= 8  # a few per epoch (training and validation ends), none per batch
+    assert (tmp_path / "runs" / "bar" / "checkpoints" / "last.ckpt").is_file()

@@ -86,3 +86,27 @@ def test_optimizer_is_adam_with_keras_epsilon_and_no_decoupled_decay() -> None:
 def test_bad_model_options_are_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         FashionMNISTClassifier(**kwargs)
+
+
+def test_cnn_runs_channels_last_with_the_same_arithmetic() -> None:
+    torch.manual_seed(0)
+    cnn = SeedCNN()
+    assert all(
+        c.weight.is_contiguous(memory_format=torch.channels_last) for c in cnn.features if isinstance(c, nn.Conv2d)
+    )
+    images = torch.rand(8, 1, 28, 28)
+    reference = nn.Sequential(cnn.features, cnn.classifier)  # the same layers, fed a contiguous NCHW batch
+    plain_weights = {k: v.contiguous() for k, v in cnn.state_dict().items()}
+    fresh = SeedCNN()
+    fresh.load_state_dict(plain_weights)  # a checkpoint's plain tensors keep the network's layout when loaded
+    assert fresh.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(fresh(images), reference(images.contiguous()), atol=1e-5)
+
+
+def test_fast_path_for_lightnings_hook_name_leaves_module_registration_intact() -> None:
+    model = FashionMNISTClassifier(network="dense")
+    model._current_fx_name = "training_step"
+    assert model._current_fx_name == "training_step" and "_current_fx_name" not in dict(model.named_buffers())
+    model.extra_head = nn.Linear(10, 10)  # other attributes still go through nn.Module's registration
+    model.extra_scale = nn.Parameter(torch.ones(1))
+    assert "extra_head" in dict(model.named_children()) and "extra_scale" in dict(model.named_parameters())
