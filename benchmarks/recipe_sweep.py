@@ -5,7 +5,7 @@
     for w in $(seq 0 11); do python benchmarks/recipe_sweep.py 1 12 $w & done; wait; cat /tmp/res-*.jsonl
 
 Same networks, loss (cross-entropy + Keras-style L2), fused Adam (eps 1e-7) and one-cycle schedule as
-fmnist_pl, with flips/shifts done on the GPU. It reports validation accuracy only: the test set plays no part
+fmnist_pl, with fmnist_pl's flips/shifts run on the GPU. It reports validation accuracy only: the test set plays no part
 in choosing settings. Results of the runs quoted in the README: benchmarks/results/recipe_sweep_*.jsonl
 (aug -1: none, 0: flips, 1: flips + 1-pixel shifts).
 """
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a plain checkout, no install needed
+from fmnist_pl.data import shift_and_flip  # noqa: E402
 from fmnist_pl.networks import NETWORKS  # noqa: E402
 
 
@@ -32,21 +33,6 @@ def read_idx(path: str) -> torch.Tensor:
     ndim = raw[3]
     dims = np.frombuffer(raw, ">i4", ndim, 4)
     return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims).copy())
-
-
-def shift_and_flip(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """fmnist_pl.data.shift_and_flip on the images' own device; max_shift 0: flips only."""
-    n, device = images.shape[0], images.device
-    flip = torch.rand(n, generator=generator, device=device) < 0.5
-    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    if max_shift == 0:
-        return images
-    padded = F.pad(images, [max_shift] * 4)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator, device=device)
-    pixels = torch.arange(28, device=device)
-    rows = (dy[:, None] + pixels)[:, :, None]
-    cols = (dx[:, None] + pixels)[:, None, :]
-    return padded[torch.arange(n, device=device)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
 def train(cfg: dict, data: tuple[torch.Tensor, ...]) -> list[float]:
@@ -68,7 +54,7 @@ def train(cfg: dict, data: tuple[torch.Tensor, ...]) -> list[float]:
             index = order[step * batch : (step + 1) * batch]
             images = train_x[index]
             if cfg["aug"] >= 0:
-                images = shift_and_flip(images, cfg["aug"], generator)
+                images = shift_and_flip(images, generator, max_shift=cfg["aug"])
             loss = F.cross_entropy(net(images), train_y[index], label_smoothing=cfg["ls"])
             loss = loss + cfg["l2"] * sum(w.pow(2).sum() for w in net.penalized_weights())
             optimizer.zero_grad(set_to_none=True)

@@ -259,15 +259,19 @@ def load_predict_images(path: str | Path) -> torch.Tensor:
 
 
 def shift_and_flip(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random horizontal flips and shifts of up to `max_shift` pixels, per image (B×1×28×28 in, same out)."""
-    n = images.shape[0]
-    flip = torch.rand(n, generator=generator) < 0.5
+    """Random horizontal flips and shifts of up to `max_shift` pixels (0: flips only), per image (B×1×28×28 in,
+    same out), on the images' device with a generator of that device."""
+    n, device = images.shape[0], images.device
+    flip = torch.rand(n, generator=generator, device=device) < 0.5
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    if max_shift == 0:
+        return images
     padded = torch.nn.functional.pad(images, [max_shift] * 4)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
-    rows = (dy[:, None] + torch.arange(IMAGE_SIZE))[:, :, None]
-    cols = (dx[:, None] + torch.arange(IMAGE_SIZE))[:, None, :]
-    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator, device=device)
+    pixels = torch.arange(IMAGE_SIZE, device=device)
+    rows = (dy[:, None] + pixels)[:, :, None]
+    cols = (dx[:, None] + pixels)[:, None, :]
+    return padded[torch.arange(n, device=device)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
 class ShardedBatches(IterableDataset):

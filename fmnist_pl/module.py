@@ -83,11 +83,10 @@ class FashionMNISTClassifier(L.LightningModule):
              for split, m in d.items()}
         )  # fmt: skip
         self._epoch_started = 0.0
-        # Training-epoch sums [loss × images, correct] and an image count: one tensor op per step instead of metric objects
-        # and per-step logging, which cost more than 3 % of a small network's step. Reduced across ranks per epoch.
-        self.register_buffer("train_totals", torch.zeros(2), persistent=False)
-        # Images seen, in a dict: `self.count += n` on an nn.Module goes through its slow __setattr__ every step.
-        self._train_images = {"count": 0}
+        # Training-epoch sums [loss × images, correct, images]: one in-place tensor op per step instead of metric
+        # objects and per-step logging, which cost more than 3 % of a small network's step. Reduced across ranks
+        # per epoch. Updated in place: `+=` on a module attribute goes through nn.Module's slow __setattr__.
+        self.register_buffer("train_totals", torch.zeros(3), persistent=False)
         self._train_epoch: tuple[int, float, float] | None = None
         # One row per finished epoch. Kept in the checkpoint (see on_save_checkpoint), so a resumed run
         # continues the same table: CSVLogger, by contrast, deletes metrics.csv when a run resumes in its folder.
@@ -137,14 +136,14 @@ class FashionMNISTClassifier(L.LightningModule):
             # Report the plain cross-entropy, comparable across label-smoothing settings and with the study.
             plain = data_loss if self.hparams.label_smoothing == 0 else F.cross_entropy(logits, labels)
             correct = (logits.argmax(dim=1) == labels).sum()
-            self.train_totals.add_(torch.stack((plain * len(labels), correct)))
-        self._train_images["count"] += len(labels)
+            images_in_batch = torch.full_like(plain, len(labels))  # made on the batch's device: no host copy
+            self.train_totals.add_(torch.stack((plain * len(labels), correct, images_in_batch)))
         return data_loss + self.l2_term()
 
     def train_epoch_results(self) -> tuple[float, float]:
         """This epoch's training (loss, accuracy) over all ranks; reduces once per epoch (call on every rank)."""
         if self._train_epoch is None or self._train_epoch[0] != self.current_epoch:
-            totals = torch.cat((self.train_totals, self.train_totals.new_tensor([self._train_images["count"]])))
+            totals = self.train_totals.clone()  # the reduction may work in place
             loss_sum, correct, images = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
             self._train_epoch = (self.current_epoch, loss_sum / max(images, 1), correct / max(images, 1))
         return self._train_epoch[1:]
@@ -164,7 +163,6 @@ class FashionMNISTClassifier(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._epoch_started = time.perf_counter()
         self.train_totals.zero_()
-        self._train_images["count"] = 0
 
     def on_train_epoch_end(self) -> None:
         loss, accuracy = self.train_epoch_results()
