@@ -10,7 +10,10 @@ Prefect server configured unless PREFECT_API_URL is set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,10 +29,20 @@ def run_once(profile: str, seed: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="fmnist-bench-") as out:
         command = [sys.executable, str(FLOW), "--profile", profile, "--seed", str(seed), "--output-dir", out, *extra]
         started = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True)
+        # Its own process group, so that stopping the benchmark also stops the temporary Prefect server the flow
+        # started: left running, it takes CPU from every later measurement.
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        try:
+            _, stderr = process.communicate()
+        finally:
+            if process.poll() is None or process.returncode != 0:
+                with contextlib.suppress(ProcessLookupError):  # the group may have exited already
+                    os.killpg(process.pid, signal.SIGKILL)
         wall = time.perf_counter() - started
-        if result.returncode != 0:
-            sys.exit(f"pipeline failed (seed {seed}):\n{result.stderr[-3000:]}")
+        if process.returncode != 0:
+            sys.exit(f"pipeline failed (seed {seed}):\n{stderr[-3000:]}")
         summary = json.loads((Path(out) / "latest" / "summary.json").read_text())
         record = json.loads((Path(out) / "latest" / "run.json").read_text())
     steps = {name: step.get("wall_seconds") for name, step in record["steps"].items()}
@@ -49,6 +62,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("extra", nargs="*", help="further flow options, after --")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))  # a plain `kill` cleans up like Ctrl-C
     runs = []
     for seed in args.seeds:
         run = run_once(args.profile, seed, args.extra)

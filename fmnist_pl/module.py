@@ -83,10 +83,13 @@ class FashionMNISTClassifier(L.LightningModule):
              for split, m in d.items()}
         )  # fmt: skip
         self._epoch_started = 0.0
-        # Training-epoch sums [loss × images, correct, images]: one in-place tensor op per step instead of metric
+        # Training-epoch sums (loss × images, correct, images): three in-place adds per step instead of metric
         # objects and per-step logging, which cost more than 3 % of a small network's step. Reduced across ranks
-        # per epoch. Updated in place: `+=` on a module attribute goes through nn.Module's slow __setattr__.
-        self.register_buffer("train_totals", torch.zeros(3), persistent=False)
+        # per epoch. In place because `+=` on a module attribute goes through nn.Module's slow __setattr__;
+        # three scalars because building one vector per step (stack, full_like) took twice as long.
+        self.register_buffer("train_loss_sum", torch.zeros(()), persistent=False)
+        self.register_buffer("train_correct", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("train_images", torch.zeros((), dtype=torch.int64), persistent=False)
         self._train_epoch: tuple[int, float, float] | None = None
         # One row per finished epoch. Kept in the checkpoint (see on_save_checkpoint), so a resumed run
         # continues the same table: CSVLogger, by contrast, deletes metrics.csv when a run resumes in its folder.
@@ -132,18 +135,18 @@ class FashionMNISTClassifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         data_loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-        with torch.no_grad():
-            # Report the plain cross-entropy, comparable across label-smoothing settings and with the study.
-            plain = data_loss if self.hparams.label_smoothing == 0 else F.cross_entropy(logits, labels)
-            correct = (logits.argmax(dim=1) == labels).sum()
-            images_in_batch = torch.full_like(plain, len(labels))  # made on the batch's device: no host copy
-            self.train_totals.add_(torch.stack((plain * len(labels), correct, images_in_batch)))
+        # Report the plain cross-entropy, comparable across label-smoothing settings and with the study.
+        # Detached values rather than a no_grad block: the same result, a few microseconds less per step.
+        plain = data_loss.detach() if self.hparams.label_smoothing == 0 else F.cross_entropy(logits.detach(), labels)
+        self.train_loss_sum.add_(plain, alpha=len(labels))
+        self.train_correct.add_((logits.detach().argmax(dim=1) == labels).sum())
+        self.train_images.add_(len(labels))  # on the batch's device: no host sync
         return data_loss + self.l2_term()
 
     def train_epoch_results(self) -> tuple[float, float]:
         """This epoch's training (loss, accuracy) over all ranks; reduces once per epoch (call on every rank)."""
         if self._train_epoch is None or self._train_epoch[0] != self.current_epoch:
-            totals = self.train_totals.clone()  # the reduction may work in place
+            totals = torch.stack((self.train_loss_sum, self.train_correct.float(), self.train_images.float()))
             loss_sum, correct, images = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
             self._train_epoch = (self.current_epoch, loss_sum / max(images, 1), correct / max(images, 1))
         return self._train_epoch[1:]
@@ -162,7 +165,8 @@ class FashionMNISTClassifier(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_started = time.perf_counter()
-        self.train_totals.zero_()
+        for total in (self.train_loss_sum, self.train_correct, self.train_images):
+            total.zero_()
 
     def on_train_epoch_end(self) -> None:
         loss, accuracy = self.train_epoch_results()

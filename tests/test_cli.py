@@ -156,3 +156,30 @@ def test_progress_bar_reads_metrics_per_epoch_not_per_batch(tiny_data: Path, tmp
     main(["fit", *args, "--trainer.logger.init_args.version=bar"])  # 2 epochs of 17 training batches
     assert 0 < len(reads) <= 8  # a few per epoch (training and validation ends), none per batch
     assert (tmp_path / "runs" / "bar" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_training_metrics_are_the_exact_per_image_means_of_the_epoch(
+    tiny_data: Path, tmp_path: Path, label_smoothing: float
+) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from fmnist_pl.data import FashionMNISTDataModule
+    from fmnist_pl.module import FashionMNISTClassifier
+
+    # A learning rate so small that the weights the epoch ends with are the ones every batch saw.
+    run = fit(tiny_data, tmp_path, "--trainer.max_epochs=1", "--model.learning_rate=1e-12",
+              f"--model.label_smoothing={label_smoothing}")  # fmt: skip
+    logged = pd.read_csv(run / "history.csv").iloc[0]
+    model = FashionMNISTClassifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt").eval()
+    data = FashionMNISTDataModule(data_dir=str(tiny_data), require_official=False, val_size=100, batch_size=32)
+    data.prepare_data()
+    data.setup("fit")
+    images, labels = (torch.cat(t) for t in zip(*data.train_dataloader(), strict=True))
+    assert len(labels) == 540  # 16 full batches and one of 28: the sums must weight by batch size
+    with torch.no_grad():
+        logits = model(images)
+    # Plain cross-entropy whatever the smoothing used for training, so runs stay comparable with the study.
+    assert logged["train/loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert logged["train/acc"] == pytest.approx((logits.argmax(dim=1) == labels).float().mean().item(), abs=1e-9)
