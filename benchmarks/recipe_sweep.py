@@ -12,27 +12,18 @@ in choosing settings. Results of the runs quoted in the README: benchmarks/resul
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a plain checkout, no install needed
-from fmnist_pl.data import shift_and_flip  # noqa: E402
+from fmnist_pl.data import read_idx, shift_and_flip  # noqa: E402
 from fmnist_pl.networks import NETWORKS  # noqa: E402
-
-
-def read_idx(path: str) -> torch.Tensor:
-    raw = gzip.open(path).read()
-    ndim = raw[3]
-    dims = np.frombuffer(raw, ">i4", ndim, 4)
-    return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims).copy())
 
 
 def train(cfg: dict, data: tuple[torch.Tensor, ...]) -> list[float]:
@@ -85,8 +76,9 @@ def grid(name: str) -> list[dict]:
 if __name__ == "__main__":
     name, workers, worker = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     folder = sys.argv[4] if len(sys.argv) > 4 else "/usr/share/datasets/fashion-mnist"
-    images = read_idx(f"{folder}/train-images-idx3-ubyte.gz").float().div(255).unsqueeze(1)
-    labels = read_idx(f"{folder}/train-labels-idx1-ubyte.gz").long()
+    images = torch.from_numpy(read_idx(Path(folder, "train-images-idx3-ubyte.gz"), "images").copy())
+    images = images.float().div(255).unsqueeze(1)
+    labels = torch.from_numpy(read_idx(Path(folder, "train-labels-idx1-ubyte.gz"), "labels").copy()).long()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The study's split: the first 5,000 training images validate, the other 55,000 train.
     data = tuple(t.to(device) for t in (images[5000:], labels[5000:], images[:5000], labels[:5000]))
