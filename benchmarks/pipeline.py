@@ -1,4 +1,4 @@
-"""End-to-end pipeline benchmark: wall time and both test accuracies per seed, median and min–max.
+"""End-to-end pipeline benchmark: wall time and every network's test accuracy per seed, median and min–max.
 
     python benchmarks/pipeline.py [--profile fast] [--seeds 0 1 2] [-- extra flow options]
 
@@ -46,8 +46,7 @@ def run_once(profile: str, seed: int, extra: list[str]) -> dict:
         summary = json.loads((Path(out) / "latest" / "summary.json").read_text())
         record = json.loads((Path(out) / "latest" / "run.json").read_text())
     steps = {name: step.get("wall_seconds") for name, step in record["steps"].items()}
-    return {"seed": seed, "wall": wall, "steps": steps,
-            **{n: r["test_accuracy"] for n, r in summary["networks"].items()}}  # fmt: skip
+    return {"seed": seed, "wall": wall, "steps": steps, "networks": summary["networks"]}
 
 
 def describe(values: list[float], fmt: str) -> str:
@@ -67,14 +66,21 @@ def main() -> None:
     for seed in args.seeds:
         run = run_once(args.profile, seed, args.extra)
         runs.append(run)
-        accuracies = ", ".join(f"{n} {run[n]:.2%}" for n in ("dense", "cnn") if n in run)
+        accuracies = ", ".join(f"{n} {r['test_accuracy']:.2%}" for n, r in run["networks"].items())
         steps = ", ".join(f"{s} {v:.0f}s" for s, v in run["steps"].items() if v is not None)
         print(f"seed {seed}: wall {run['wall']:.1f} s; test accuracy {accuracies}  [{steps}]", flush=True)
     print(f"profile {args.profile}, {len(runs)} runs: wall {describe([r['wall'] for r in runs], '{:.1f} s')}")
-    for network in ("dense", "cnn"):
-        if network in runs[0]:
-            values = [r[network] for r in runs]
-            print(f"  {network}: test accuracy mean {statistics.mean(values):.2%}, {describe(values, '{:.2%}')}")
+    for network, first in runs[0]["networks"].items():
+        values = [r["networks"][network]["test_accuracy"] for r in runs]
+        line = f"  {network}: test accuracy mean {statistics.mean(values):.2%}, {describe(values, '{:.2%}')}"
+        if first.get("test_time_flip"):
+            plain = [r["networks"][network]["test_accuracy_without_flip"] for r in runs]
+            line += f"; without flip TTA mean {statistics.mean(plain):.2%} (min {min(plain):.2%})"
+        trained = [r["networks"][network]["training_wall_seconds"] for r in runs]
+        print(
+            f"{line}; training {describe(trained, '{:.0f} s')}; {first['trainable_parameters']:,} parameters, "
+            f"{first['flops_per_image'] / 1e6:.2f} MFLOPs/image"
+        )
 
 
 if __name__ == "__main__":

@@ -1,47 +1,43 @@
-"""The fmnist-pl pipeline as a Prefect flow: download → train both networks → evaluate each → comparison report.
+"""The fmnist-pl pipeline as a Prefect flow: download → train every network → evaluate each → comparison report.
 
     python flows/full_pipeline.py                         # one run, no Prefect server needed
-    python flows/full_pipeline.py --help                  # every option
+    python flows/full_pipeline.py --help                  # every option (fmnist_pl/settings.py declares them)
     python flows/full_pipeline.py serve --cron "0 3 * * *"  # a scheduled deployment, shown in the Prefect UI
 
 Every step is a retryable task that passes file paths, not tensors. Training and evaluation run the same
-`fmnist-pl` CLI a user runs by hand. Finished steps are cached under <output dir>/steps/, keyed on their
-settings and the data's checksums; an interrupted training step resumes from its last checkpoint.
+`fmnist-pl` CLI a user runs by hand. Finished steps are cached under <output dir>/steps/, keyed on the exact CLI
+options, config file and data checksums; an interrupted training step resumes from its last checkpoint.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect builds the flow's parameter model from the real annotations,
+# and a served run cannot resolve them from strings.
+import argparse
+import hashlib
+import json
 import os
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
 
-# Prefect's analytics race the temporary server's fresh database and print a `database is locked`
-# traceback on a new machine; a user setting still wins.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# The temporary server's default 20 s start-up limit is too short for a busy 2-core laptop.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.settings import (
+    PREFECT_SERVER_ANALYTICS_ENABLED,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    temporary_settings,
+)
+from prefect.tasks import exponential_backoff
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import shlex  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from datetime import datetime  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
-from prefect.tasks import exponential_backoff  # noqa: E402
-
-from fmnist_pl import __version__  # noqa: E402
-from fmnist_pl.cli import packaged_configs, run_cli  # noqa: E402
-from fmnist_pl.data import load_dataset  # noqa: E402
-from fmnist_pl.errors import FmnistError  # noqa: E402
-from fmnist_pl.io import write_text_atomic  # noqa: E402
-from fmnist_pl.report import build_report  # noqa: E402
-
-NETWORKS = ("dense", "cnn")
-PROFILES = ("fast", "reference")
+from fmnist_pl import __version__, layout
+from fmnist_pl.cli import quiet_known_warnings, run_cli
+from fmnist_pl.data import load_dataset
+from fmnist_pl.errors import ConfigError, FmnistError
+from fmnist_pl.io import write_text_atomic
+from fmnist_pl.report import build_report
+from fmnist_pl.settings import PipelineSettings, add_settings_arguments, profile_config
 
 
 def step_key(**inputs: object) -> str:
@@ -95,23 +91,6 @@ def run_cli_subprocess(args: list[str], log_file: Path, env: dict[str, str] | No
         raise error(f"`fmnist-pl {args[0]}` failed with exit code {process.returncode}; see {log_file}:\n{tail}")
 
 
-def cli_settings(settings: dict, data: dict) -> list[str]:
-    """The CLI options that carry the flow's settings (None: the profile's value)."""
-    options = {
-        "--trainer.max_epochs": settings["epochs"],
-        "--data.batch_size": settings["batch_size"],
-        "--data.val_size": settings["val_size"],
-        "--trainer.accelerator": settings["accelerator"],
-        "--trainer.devices": settings["devices"],
-        "--trainer.strategy": settings["strategy"],
-        "--trainer.num_nodes": settings["num_nodes"],
-        "--seed_everything": settings["seed"],
-        "--data.data_dir": data["source_dir"],
-        "--data.require_official": settings["require_official"],
-    }
-    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items() if v is not None]
-
-
 def log_into(folder: Path) -> list[str]:
     """CLI options that make a run write into exactly `folder` (CSVLogger's save_dir/name/version)."""
     return [f"--trainer.logger.init_args.save_dir={folder.parent}", "--trainer.logger.init_args.name=",
@@ -133,6 +112,14 @@ def mark_finished(work: Path, result: dict) -> dict:
     return {**result, "cached": False}
 
 
+def network_config(settings: PipelineSettings, network: str) -> Path:
+    """The packaged config of `network` in the run's profile."""
+    config = profile_config(settings.profile, network)
+    if config is None:
+        raise ConfigError(f"profile {settings.profile!r} has no config for network {network!r}; choose other --models")
+    return config
+
+
 @task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5), task_run_name="download")
 def download_data(data_dir: str | None, require_official: bool) -> dict:
     """Find or download Fashion-MNIST, verify it and cache the decoded tensors; return its folder and checksums."""
@@ -152,37 +139,37 @@ def download_data(data_dir: str | None, require_official: bool) -> dict:
     retry_condition_fn=retry_unless_bad_input,
     task_run_name="train-{network}",
 )
-def train_model(network: str, settings: dict, data: dict, steps_dir: str) -> dict:
+def train_model(
+    network: str, settings: PipelineSettings, data: dict, steps_dir: str, env: dict[str, str] | None = None
+) -> dict:
     """`fmnist-pl fit` for one network; cached on its inputs, resumed from last.ckpt after an interruption."""
     logger = get_run_logger()
-    config = packaged_configs()[f"{settings['profile']}_{network}"]
-    overrides = cli_settings(settings, data)
-    # Thread counts and the launcher change how training runs, not what it computes.
-    inputs = {k: v for k, v in settings.items() if k not in ("env", "train_launcher")}
-    key = step_key(step="train", network=network, config=config.read_text(), settings=inputs, data=data["sha256"],
-                   version=__version__)  # fmt: skip
-    work = Path(steps_dir) / f"train-{network}-{key}"
-    if finished := reuse_finished(work, f"{network} training"):
+    config = network_config(settings, network)
+    options = settings.cli_options(data_dir=data["source_dir"])
+    # The key holds what decides the result: the options (less the data's folder: its checksums stand in),
+    # the config's text and the code's version. Thread counts and the launcher change how, not what.
+    key = step_key(step="train", network=network, config=config.read_text(), data=data["sha256"], version=__version__,
+                   options=settings.cli_options(data_dir=None))  # fmt: skip
+    work = layout.TrainingFolder(layout.step_folder(Path(steps_dir), "train", network, key))
+    if finished := reuse_finished(work.path, f"{network} training"):
         return finished
-    last = work / "checkpoints" / "last.ckpt"
-    resume = [f"--ckpt_path={last}"] if last.is_file() else []
+    resume = [f"--ckpt_path={work.last_checkpoint}"] if work.last_checkpoint.is_file() else []
     if resume:
-        logger.info(f"{network}: resuming the interrupted training from {last}")
+        logger.info(f"{network}: resuming the interrupted training from {work.last_checkpoint}")
     started = time.perf_counter()
     run_cli_subprocess(
-        ["fit", f"--config={config}", *overrides, *log_into(work), "--trainer.enable_progress_bar=false", *resume],
-        work / "train.log",
-        env=settings.get("env"),
-        launcher=settings["train_launcher"] or "",
+        ["fit", f"--config={config}", *options, *log_into(work.path), "--trainer.enable_progress_bar=false", *resume],
+        work.log,
+        env=env,
+        launcher=settings.train_launcher or "",
     )  # fmt: skip
     result = {
         "network": network,
-        "dir": str(work),
-        "best_checkpoint": str(work / "checkpoints" / "best.ckpt"),
+        "dir": str(work.path),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "resumed": bool(resume),
     }
-    return mark_finished(work, result)
+    return mark_finished(work.path, result)
 
 
 @task(
@@ -191,35 +178,38 @@ def train_model(network: str, settings: dict, data: dict, steps_dir: str) -> dic
     retry_condition_fn=retry_unless_bad_input,
     task_run_name="evaluate-{network}",
 )
-def evaluate_model(network: str, trained: dict, settings: dict, data: dict, steps_dir: str) -> dict:
+def evaluate_model(network: str, trained: dict, settings: PipelineSettings, data: dict, steps_dir: str) -> dict:
     """`fmnist-pl test` on the best checkpoint, and `predict` on the test and training splits (for the report)."""
-    config = packaged_configs()[f"{settings['profile']}_{network}"]
+    config = network_config(settings, network)
     key = step_key(step="evaluate", train=trained["dir"], data=data["sha256"], version=__version__)
-    work = Path(steps_dir) / f"evaluate-{network}-{key}"
-    if finished := reuse_finished(work, f"{network} evaluation"):
+    work = layout.EvaluationFolder(layout.step_folder(Path(steps_dir), "evaluate", network, key))
+    if finished := reuse_finished(work.path, f"{network} evaluation"):
         return finished
-    one_device = {**settings, "devices": 1, "strategy": "auto", "num_nodes": 1}
-    common = [f"--config={config}", f"--ckpt_path={trained['best_checkpoint']}", *cli_settings(one_device, data),
+    best = layout.TrainingFolder(Path(trained["dir"])).best_checkpoint
+    one_device = settings.cli_options(data_dir=data["source_dir"], devices=1, strategy="auto", num_nodes=1)
+    common = [f"--config={config}", f"--ckpt_path={best}", *one_device,
               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
     started = time.perf_counter()
     # In this process (one device, so no DDP launcher is involved): saves three interpreter start-ups.
-    run_cli(["test", *common, *log_into(work / "test")])
+    run_cli(["test", *common, *log_into(work.test)])
     for split in ("test", "train"):
-        run_cli(["predict", *common, f"--data.predict_split={split}", *log_into(work / f"predict_{split}")])
-    result = {"network": network, "dir": str(work), "train_dir": trained["dir"],
+        run_cli(["predict", *common, f"--data.predict_split={split}", *log_into(work.predict(split))])
+    result = {"network": network, "dir": str(work.path), "train_dir": trained["dir"],
               "wall_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
-    return mark_finished(work, result)
+    return mark_finished(work.path, result)
 
 
 @task(retries=1, task_run_name="report")
 def write_report(run_dir: str) -> dict:
     """Build the comparison report from the run folder's files and publish it as Prefect artifacts."""
     started = time.perf_counter()
-    summary = build_report(Path(run_dir))
-    markdown = (Path(run_dir) / "report.md").read_text()
-    create_markdown_artifact(markdown=markdown, key="fmnist-report", description="fmnist-pl comparison report")
+    run = layout.RunFolder(Path(run_dir))
+    summary = build_report(run.path)
+    create_markdown_artifact(
+        markdown=run.report(".md").read_text(), key="fmnist-report", description="fmnist-pl comparison report"
+    )
     create_table_artifact(table=summary["table"], key="fmnist-results", description="Test accuracy per network")
-    return {"report": str(Path(run_dir) / "report.md"), "wall_seconds": round(time.perf_counter() - started, 2)}
+    return {"report": str(run.report(".md")), "wall_seconds": round(time.perf_counter() - started, 2)}
 
 
 def on_cpu(accelerator: str) -> bool:
@@ -229,6 +219,39 @@ def on_cpu(accelerator: str) -> bool:
     return accelerator == "cpu" or (
         accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
     )
+
+
+def training_cost(settings: PipelineSettings, network: str) -> float:
+    """A training's relative CPU cost: forward FLOPs per image × epochs × training images per epoch."""
+    import yaml
+
+    from fmnist_pl.callbacks import forward_flops
+    from fmnist_pl.networks import NETWORKS
+
+    config = yaml.safe_load(network_config(settings, network).read_text())
+    epochs = settings.epochs or config.get("trainer", {}).get("max_epochs", 1)
+    val_size = settings.val_size or config.get("data", {}).get("val_size", 5000)
+    return forward_flops(NETWORKS[network]()) * epochs * (60_000 - val_size)
+
+
+def cpu_thread_shares(costs: dict[str, float], cores: int) -> dict[str, int]:
+    """Threads per training when trainings share `cores`: one each, and the cores left over in proportion to cost,
+    so that the costliest training does not end up alone on one core while the others sit idle."""
+    total, spare = sum(costs.values()), cores - len(costs)
+    if spare <= 0:  # no more cores than trainings: one each, and a clearly dominant training may use every core
+        threads = dict.fromkeys(costs, 1)
+        costliest = max(costs, key=costs.get)
+        # FLOPs are a rough proxy (a dense layer's FLOP is cheaper on a CPU than a small convolution's), so only
+        # a training estimated at most of the total work is worth oversubscribing the cores for.
+        if costs[costliest] > 0.8 * total:
+            threads[costliest] = cores
+        return threads
+    shares = {network: spare * cost / total for network, cost in costs.items()}
+    threads = {network: 1 + int(share) for network, share in shares.items()}
+    left = cores - sum(threads.values())  # whole cores still unassigned: to the largest remainders
+    for network in sorted(shares, key=lambda n: shares[n] - int(shares[n]), reverse=True)[:left]:
+        threads[network] += 1
+    return threads
 
 
 def new_run_dir(output_dir: Path) -> Path:
@@ -245,47 +268,35 @@ def new_run_dir(output_dir: Path) -> Path:
     latest = output_dir / f".latest.{os.getpid()}"
     latest.unlink(missing_ok=True)
     latest.symlink_to(run_dir.name)
-    os.replace(latest, output_dir / "latest")  # atomic: `latest` always points at a whole run folder
+    os.replace(latest, output_dir / layout.LATEST)  # atomic: `latest` always points at a whole run folder
     return run_dir
 
 
+def link(link_path: Path, target: Path) -> None:
+    """A relative symbolic link, so that outputs/ can be moved or archived whole and its links still resolve."""
+    link_path.parent.mkdir(parents=True, exist_ok=True)
+    link_path.symlink_to(os.path.relpath(target, link_path.parent))
+
+
 @flow(name="fmnist-full-pipeline", log_prints=True)
-def full_pipeline(
-    models: list[str] | None = None,
-    profile: str = "fast",
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    val_size: int | None = None,
-    accelerator: str = "auto",
-    devices: str = "auto",
-    strategy: str = "auto",
-    num_nodes: int = 1,
-    train_launcher: str | None = None,
-    seed: int = 0,
-    data_dir: str | None = None,
-    output_dir: str = "outputs",
-    require_official: bool = True,
-) -> str:
-    """Download → train → evaluate → report; returns the run folder. None: both models, the profile's epochs etc."""
-    models = list(models or NETWORKS)
-    unknown = sorted(set(models) - set(NETWORKS)) + ([profile] if profile not in PROFILES else [])
-    if unknown or not models:
-        raise ValueError(f"unknown model or profile {unknown}: models are {NETWORKS}, profiles {PROFILES}")
-    output = Path(output_dir).resolve()
-    run_dir = new_run_dir(output)
-    steps_dir = str(output / "steps")
-    settings = {"profile": profile, "epochs": epochs, "batch_size": batch_size, "val_size": val_size, "accelerator": accelerator,
-                "devices": devices, "strategy": strategy, "num_nodes": num_nodes, "train_launcher": train_launcher, "seed": seed,
-                "require_official": require_official}  # fmt: skip
+def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # noqa: B008 - immutable, shown in the UI
+    """Download → train → evaluate → report; returns the run folder."""
+    networks = settings.networks()
+    configs = {network: network_config(settings, network) for network in networks}  # fails before any work
+    output = Path(settings.output_dir).resolve()
+    run = layout.RunFolder(new_run_dir(output))
+    steps_dir = str(output / layout.STEPS_DIR)
     record = {
-        "run_dir": str(run_dir),
+        "run_dir": str(run.path),
         "status": "running",
-        "settings": settings,
+        "networks": networks,
+        "settings": settings.model_dump(),
+        "configs": {network: str(config) for network, config in configs.items()},
         "steps": {},
         "started": datetime.now().isoformat(),
     }
-    write_text_atomic(run_dir / "run.json", json.dumps(record, indent=2) + "\n")
-    print(f"fmnist-pl pipeline: run folder {run_dir}")
+    write_text_atomic(run.record, json.dumps(record, indent=2) + "\n")
+    print(f"fmnist-pl pipeline: run folder {run.path}")
 
     def finish(step: str, future):  # noqa: ANN001, ANN202
         """The step's result, recording in run.json which step failed and why if it did."""
@@ -293,75 +304,77 @@ def full_pipeline(
             result = future.result() if hasattr(future, "result") else future
         except Exception as e:
             record.update(status="failed", failed_step=step, error=f"{type(e).__name__}: {e}")
-            write_text_atomic(run_dir / "run.json", json.dumps(record, indent=2) + "\n")
+            write_text_atomic(run.record, json.dumps(record, indent=2) + "\n")
             raise
         record["steps"][step] = result
-        write_text_atomic(run_dir / "run.json", json.dumps(record, indent=2) + "\n")
+        write_text_atomic(run.record, json.dumps(record, indent=2) + "\n")
         return result
 
-    data = finish("download", download_data.submit(data_dir, require_official))
-    if on_cpu(accelerator) and len(models) > 1 and devices in ("auto", "1", 1):
-        # Independent trainings side by side on CPU: give each its share of the cores rather than
-        # letting both oversubscribe every core.
-        settings["env"] = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(models)))}
-    trainings = {m: train_model.submit(m, settings, data, steps_dir) for m in models}
-    evaluations = {m: evaluate_model.submit(m, trainings[m], settings, data, steps_dir) for m in models}
-    trained = {m: finish(f"train-{m}", trainings[m]) for m in models}
-    evaluated = {m: finish(f"evaluate-{m}", evaluations[m]) for m in models}
-    for network in models:  # the run folder shows each network's step folders, which stay shared and cached
-        (run_dir / network).mkdir()
-        (run_dir / network / "train").symlink_to(trained[network]["dir"])
-        (run_dir / network / "evaluate").symlink_to(evaluated[network]["dir"])
-    finish("report", write_report.submit(str(run_dir)))
+    data = finish("download", download_data.submit(settings.data_dir, settings.require_official))
+    env: dict[str, dict | None] = dict.fromkeys(networks)
+    if on_cpu(settings.accelerator) and len(networks) > 1 and settings.devices in ("auto", "1"):
+        # Independent trainings side by side on CPU: each gets its share of the cores rather than all of them
+        # oversubscribing every core.
+        threads = cpu_thread_shares({n: training_cost(settings, n) for n in networks}, os.cpu_count() or 1)
+        env = {n: {"OMP_NUM_THREADS": str(threads[n])} for n in networks}
+    trainings = {n: train_model.submit(n, settings, data, steps_dir, env[n]) for n in networks}
+    evaluations = {n: evaluate_model.submit(n, trainings[n], settings, data, steps_dir) for n in networks}
+    trained = {n: finish(f"train-{n}", trainings[n]) for n in networks}
+    evaluated = {n: finish(f"evaluate-{n}", evaluations[n]) for n in networks}
+    for network in networks:  # the run folder shows each network's step folders, which stay shared and cached
+        link(run.training(network).path, Path(trained[network]["dir"]))
+        link(run.evaluation(network).path, Path(evaluated[network]["dir"]))
+    finish("report", write_report.submit(str(run.path)))
     record.update(status="completed", finished=datetime.now().isoformat())
-    write_text_atomic(run_dir / "run.json", json.dumps(record, indent=2) + "\n")
-    print(f"fmnist-pl pipeline: done, report at {run_dir / 'report.md'}")
-    return str(run_dir)
+    write_text_atomic(run.record, json.dumps(record, indent=2) + "\n")
+    print(f"fmnist-pl pipeline: done, report at {run.report('.md')}")
+    return str(run.path)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, PipelineSettings]:
+    """The command line: `run` (default) or `serve`, and one option per PipelineSettings field."""
     parser = argparse.ArgumentParser(
-        description="Train, evaluate and compare the reference study's two networks on Fashion-MNIST.",
+        description="Train, evaluate and compare the study's networks and a modern small CNN on Fashion-MNIST.",
         epilog="`serve --cron EXPR` registers a scheduled deployment instead of running once.",
     )
     parser.add_argument(
         "command", nargs="?", choices=["run", "serve"], default="run", help="run once (default) or serve"
     )
-    parser.add_argument("--models", nargs="+", choices=NETWORKS, default=list(NETWORKS), help="networks to train")
-    parser.add_argument("--profile", choices=PROFILES, default="fast", help="fast (default) or reference (the study)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: the profile's)")
-    parser.add_argument("--batch-size", type=int, help="training batch size per device (default: the profile's)")
-    parser.add_argument("--val-size", type=int, help="validation images, the first of the training set (default 5000)")
-    parser.add_argument("--accelerator", default="auto", help="cpu, gpu, mps, auto (default)")
-    parser.add_argument("--devices", default="auto", help="devices per node: a number, or auto (default)")
-    parser.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default: auto)")
-    parser.add_argument("--num-nodes", type=int, default=1, help="nodes for multi-node DDP (default 1)")
-    parser.add_argument("--train-launcher", help="command that starts training once per task, e.g. 'srun' in a "
-                        "SLURM allocation for --num-nodes > 1")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="seed for all randomness (default 0)")
-    parser.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: $FMNIST_DATA_DIR, "
-                        "a local copy, or the official download)")  # fmt: skip
-    parser.add_argument("--output-dir", default="outputs", help="where runs and cached steps go (default outputs)")
-    parser.add_argument("--not-official", dest="require_official", action="store_false",
-                        help="accept IDX files other than the official release (own or test data)")  # fmt: skip
+    add_settings_arguments(parser)
     parser.add_argument("--cron", help="with serve: the schedule, e.g. '0 3 * * *'")
     parser.add_argument("--name", default="fmnist-full-pipeline", help="with serve: the deployment's name")
     args = parser.parse_args(argv)
     if args.command == "serve" and not args.cron:
         parser.error("serve needs --cron, e.g. --cron '0 3 * * *'")
-    parameters = {k: getattr(args, k) for k in ("models", "profile", "epochs", "batch_size", "val_size", "accelerator", "devices",
-                                                 "strategy", "num_nodes", "train_launcher", "seed", "data_dir", "output_dir",
-                                                 "require_official")}  # fmt: skip
-    return args, parameters
+    settings = PipelineSettings(**{name: getattr(args, name) for name in PipelineSettings.model_fields})
+    return args, settings
 
 
-if __name__ == "__main__":
-    args, parameters = parse_args()
-    if args.command == "serve":
-        full_pipeline.serve(name=args.name, cron=args.cron, parameters=parameters)
-    else:
+def prefect_defaults() -> dict:
+    """Settings for Prefect's temporary local server, where the user has not set them."""
+    defaults = {
+        # Analytics race the temporary server's fresh database and print a `database is locked` traceback.
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+        # The default 20 s start-up limit is too short for a busy 2-core laptop.
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120,
+    }
+    return {setting: value for setting, value in defaults.items() if setting.name not in os.environ}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `python flows/full_pipeline.py`."""
+    quiet_known_warnings()
+    args, settings = parse_args(argv)
+    with temporary_settings(updates=prefect_defaults()):
+        if args.command == "serve":
+            full_pipeline.serve(name=args.name, cron=args.cron, parameters={"settings": settings.model_dump()})
+            return
         try:
-            full_pipeline(**parameters)
+            full_pipeline(settings)
         except Exception as e:  # Prefect has logged the traceback; end with the one line that matters
             print(f"fmnist-pl pipeline failed: {type(e).__name__}: {e}", file=sys.stderr)
             sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,16 @@
-"""fmnist-pl: the reference Fashion-MNIST study's two networks, trained with Lightning and orchestrated by Prefect."""
+"""fmnist-pl: Fashion-MNIST with Lightning and Prefect: the 2020 study's two networks and a modern small CNN."""
 
 from fmnist_pl.data import CLASS_NAMES, FashionMNISTDataModule
 from fmnist_pl.module import FashionMNISTClassifier
-from fmnist_pl.networks import SeedCNN, SeedDenseNet
+from fmnist_pl.networks import NETWORKS, BatchNormCNN, StudyDenseNet, StudyLeNetCNN
 
-__version__ = "0.1.0"
-__all__ = ["CLASS_NAMES", "FashionMNISTClassifier", "FashionMNISTDataModule", "SeedCNN", "SeedDenseNet"]
+__version__ = "0.2.0"
+__all__ = [
+    "CLASS_NAMES",
+    "NETWORKS",
+    "BatchNormCNN",
+    "FashionMNISTClassifier",
+    "FashionMNISTDataModule",
+    "StudyDenseNet",
+    "StudyLeNetCNN",
+]

@@ -11,25 +11,36 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from fmnist_pl.callbacks import EpochHistory, EvaluationFiles, LastCheckpoint, PredictionsWriter
 from fmnist_pl.data import FashionMNISTDataModule
 from fmnist_pl.errors import ConfigError, FmnistError
-from fmnist_pl.module import FashionMNISTClassifier, LastCheckpoint, PredictionsWriter
+from fmnist_pl.module import FashionMNISTClassifier
+from fmnist_pl.settings import packaged_configs
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 CKPT_KEYWORDS = {"best", "last", "hpc", "registry"}  # ckpt_path values Lightning resolves itself
 
-# Console noise that does not apply here: an advert for a cloud logger, a torch/Lightning deprecation
-# users cannot act on, and the step-logging interval (metrics are logged per epoch).
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not r.getMessage().startswith("💡"))
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")
-# Testing or predicting from another run's checkpoint is the normal case here, not a surprise.
-warnings.filterwarnings("ignore", message=r".*The dirpath has changed from.*")
 
-
-def packaged_configs() -> dict[str, Path]:
-    """Config files shipped in the package, by name (`reference_dense`, `fast_cnn`, ...)."""
-    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+def quiet_known_warnings() -> None:
+    """Silence warnings that do not apply to this project; the entry points call it, importing the package does not."""
+    # An advert for a cloud logger, a torch/Lightning deprecation users cannot act on, and the step-logging
+    # interval (metrics are logged per epoch).
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not r.getMessage().startswith("💡"))
+    for message in (
+        r".*isinstance\(treespec, LeafSpec\)",
+        r".*smaller than the logging interval",
+        # Testing or predicting from another run's checkpoint is the normal case here, not a surprise.
+        r".*The dirpath has changed from.*",
+        # The whole dataset lives in memory and batches are tensor slices: worker processes would only add
+        # start-up time and copies, so Lightning's advice to add workers does not apply.
+        r".*does not have many workers.*",
+        # ShardedBatches' __len__ is exact: it runs in the main process and shards by rank itself.
+        r".*`IterableDataset` has `__len__` defined.*",
+        # PredictionsWriter needs no batch indices (ShardedBatches keeps the input order).
+        r".*Couldn't infer the batch indices.*",
+        # The module's transfer_batch_to_device is meant to win over the data module's (which has none).
+        r".*overridden `transfer_batch_to_device` in `LightningModule`.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def resolve_config_names(argv: list[str]) -> list[str]:
@@ -55,22 +66,10 @@ def resolve_config_names(argv: list[str]) -> list[str]:
     return resolved
 
 
-class EpochMetricsRichProgressBar(RichProgressBar):
-    """Lightning's Rich bar, minus its per-batch refresh of the metrics shown beside the bar.
-
-    Every metric here is logged once per epoch, and the parent refreshes them at the end of each training and
-    validation epoch; re-reading them after every batch cost about 2 % of a small network's step."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        if not self.is_disabled and self.train_progress_bar_id is None:
-            self._initialize_train_progress_bar_id()  # as the parent does, for a run resumed mid-epoch
-        self._update(self.train_progress_bar_id, batch_idx + 1)
-
-
 def default_progress_bar() -> ProgressBar:
     """The CLI's progress bar, redrawn 4 times a second instead of Rich's default 100: on 2 cores the redraw
     thread competes with training for the CPU (about 9 % of a small network's step at 100 Hz)."""
-    return EpochMetricsRichProgressBar(refresh_rate=4)
+    return RichProgressBar(refresh_rate=4)
 
 
 class FashionMNISTCLI(LightningCLI):
@@ -88,8 +87,8 @@ class FashionMNISTCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs: object) -> object:
-        config = self._get(self.config_init, "trainer", default={})
-        callbacks = list(config.get("callbacks") or [])
+        config = self.config_init[self.subcommand]["trainer"]
+        callbacks = [*(config.get("callbacks") or []), EpochHistory(), EvaluationFiles()]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(default_progress_bar())
         if self.subcommand == "predict":  # only then: every callback costs hook calls on every training step
@@ -126,7 +125,7 @@ def _run_cli(argv: list[str] | None) -> None:
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": "outputs", "name": "runs"},
             },
-            "callbacks": [LastCheckpoint()],
+            "callbacks": [LastCheckpoint()],  # listed here, so that `--trainer.callbacks` can replace it
         },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
@@ -135,6 +134,7 @@ def _run_cli(argv: list[str] | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `fmnist-pl` and `python -m fmnist_pl`."""
+    quiet_known_warnings()
     args = sys.argv[1:] if argv is None else argv
     try:
         if args and args[0] == "report":

@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +39,6 @@ OFFICIAL_FILES = {
 }  # fmt: skip
 IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # uint8 data, 3 resp. 1 dimensions
 CACHE_FORMAT = 1  # bump when the cached tensors' layout changes
-
-# The whole dataset lives in memory and batches are tensor slices, so worker processes would only add
-# start-up time and copies; Lightning's advice to add workers does not apply here.
-warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-# ShardedBatches' __len__ is exact: it runs in the main process and shards by rank itself.
-warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 
 
 def default_cache_dir() -> Path:
@@ -288,13 +281,14 @@ class ShardedBatches(IterableDataset):
         batch_size: int,
         shuffle: bool,
         augment: bool = False,
+        max_shift: int = 2,
         seed: int = 0,
         epoch: Callable[[], int] = lambda: 0,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         self.images, self.labels = images, labels
-        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.batch_size, self.shuffle, self.augment, self.max_shift = batch_size, shuffle, augment, max_shift
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
 
     def _indices(self) -> torch.Tensor:
@@ -322,7 +316,7 @@ class ShardedBatches(IterableDataset):
             # uint8 -> float per batch: a quarter of the memory traffic of gathering from a float copy.
             images = self.images[batch].unsqueeze(1).float().div_(255)
             if self.augment:
-                images = shift_and_flip(images, generator)
+                images = shift_and_flip(images, generator, self.max_shift)
             yield images, self.labels[batch]
 
 
@@ -339,6 +333,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 1_000,
         augment: bool = False,
+        max_shift: int = 2,
         predict_split: Literal["test", "train", "val"] = "test",
         predict_path: str | None = None,
     ) -> None:
@@ -351,13 +346,16 @@ class FashionMNISTDataModule(L.LightningDataModule):
         val_size: the first `val_size` training images form the validation set.
         batch_size: training batch size per device.
         eval_batch_size: batch size for validation, test and predict.
-        augment: random horizontal flips and ±2 pixel shifts of training images.
+        augment: random horizontal flips and shifts of training images.
+        max_shift: with augment, shift by up to this many pixels in each direction (0: flips only).
         predict_split: which split `predict` classifies when no `predict_path` is given.
         predict_path: images for `predict` (IDX images file or folder of 28×28 PNGs) instead of a split.
         """
         super().__init__()
         if not 0 < val_size < 60_000:
             raise ConfigError(f"data.val_size must be between 1 and 59,999 (of 60,000 training images), got {val_size}")
+        if not 0 <= max_shift < IMAGE_SIZE:
+            raise ConfigError(f"data.max_shift must be between 0 and 27 pixels, got {max_shift}")
         if batch_size < 1 or eval_batch_size < 1:
             raise ConfigError(
                 f"data.batch_size and data.eval_batch_size must be ≥ 1, got {batch_size}, {eval_batch_size}"
@@ -390,6 +388,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
             batch_size=self.hparams.batch_size if train else self.hparams.eval_batch_size,
             shuffle=train,
             augment=train and self.hparams.augment,
+            max_shift=self.hparams.max_shift,
             # seed_everything() records its seed here, and DDP workers inherit it: one seed option for all.
             seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
             epoch=lambda: trainer.current_epoch if trainer is not None else 0,

@@ -12,8 +12,10 @@ import pytest
 import yaml
 from conftest import N_TEST, tiny_args
 
-from fmnist_pl.cli import main, packaged_configs
+from fmnist_pl.cli import main
 from fmnist_pl.data import CLASS_NAMES
+from fmnist_pl.networks import NETWORKS
+from fmnist_pl.settings import packaged_configs, profile_config
 
 
 def fit(data: Path, out: Path, *extra: str) -> Path:
@@ -27,6 +29,7 @@ def epoch_metrics(run: Path) -> pd.DataFrame:
     return pd.read_csv(run / "metrics.csv").groupby("epoch").first()
 
 
+@pytest.mark.integration
 def test_fit_then_test_from_the_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
     run = fit(tiny_data, tmp_path, "--model.network=cnn", "--trainer.max_epochs=4")
     metrics = epoch_metrics(run)
@@ -48,16 +51,32 @@ def test_fit_then_test_from_the_checkpoint(tiny_data: Path, tmp_path: Path) -> N
     assert result["accuracy"] > 0.5
 
 
-def test_dense_network_fits_and_predicts(tiny_data: Path, tmp_path: Path) -> None:
-    run = fit(tiny_data, tmp_path, "--model.network=dense", "--trainer.max_epochs=1")
-    main(["predict", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=predict"),
-          f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])  # fmt: skip
+@pytest.mark.integration
+@pytest.mark.parametrize("network", list(NETWORKS))
+def test_every_registered_network_fits_tests_and_predicts_from_its_packaged_config(
+    tiny_data: Path, tmp_path: Path, network: str
+) -> None:
+    config = f"--config={profile_config('fast', network)}"
+    # The config first: options after it override it, as on the command line.
+    main(["fit", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit"),
+          "--trainer.max_epochs=1"])  # fmt: skip
+    run = tmp_path / "runs" / "fit"
+    checkpoint = f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}"
+    main(["test", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=test"), checkpoint])
+    metrics = json.loads((tmp_path / "runs" / "test" / "test_metrics.json").read_text())
+    assert metrics["network"] == network and metrics["images"] == N_TEST
+    assert metrics["flops_per_image"] > 0 and metrics["trainable_parameters"] > 0
+    packaged = yaml.safe_load(profile_config("fast", network).read_text())
+    assert metrics["precision"] == packaged["trainer"].get("precision", "32-true")  # bn_cnn: bf16-mixed on CPU
+    assert metrics["test_time_flip"] == packaged["model"].get("test_time_flip", False)
+    main(["predict", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=predict"), checkpoint])
     predictions = pd.read_csv(tmp_path / "runs" / "predict" / "predictions.csv")
     assert len(predictions) == N_TEST and predictions["predicted"].between(0, 9).all()
     probabilities = predictions[[f"p_{name}" for name in CLASS_NAMES]].to_numpy()
     assert probabilities.sum(axis=1) == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.integration
 def test_same_seed_gives_identical_metrics(tiny_data: Path, tmp_path: Path) -> None:
     runs = [
         epoch_metrics(fit(tiny_data, tmp_path / str(i), "--model.network=cnn", "--trainer.max_epochs=2",
@@ -112,11 +131,13 @@ def test_bad_values_stop_with_one_line_before_training(
     assert not (tmp_path / "runs").exists()  # nothing was trained or written
 
 
+@pytest.mark.integration
 def test_console_entry_points_answer_help() -> None:
     result = subprocess.run([sys.executable, "-m", "fmnist_pl", "--help"], capture_output=True, text=True, check=True)
     assert all(cmd in result.stdout for cmd in ("fit", "validate", "test", "predict"))
 
 
+@pytest.mark.integration
 def test_resumed_fit_continues_the_same_history_as_an_uninterrupted_one(tiny_data: Path, tmp_path: Path) -> None:
     straight = fit(tiny_data, tmp_path / "straight", "--trainer.max_epochs=3")
     interrupted = fit(tiny_data, tmp_path / "resumed", "--trainer.max_epochs=2")
@@ -133,6 +154,7 @@ def test_resumed_fit_continues_the_same_history_as_an_uninterrupted_one(tiny_dat
     pd.testing.assert_frame_equal(resumed, expected)  # same batches, same optimizer state: same numbers
 
 
+@pytest.mark.integration
 def test_last_checkpoint_follows_every_epoch_even_without_improvement(tiny_data: Path, tmp_path: Path) -> None:
     import torch
 
@@ -140,24 +162,11 @@ def test_last_checkpoint_follows_every_epoch_even_without_improvement(tiny_data:
     best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert best["epoch"] == 0 and last["epoch"] == 2
-    assert [row["epoch"] for row in last["epoch_history"]] == [0, 1, 2]
+    assert [row["epoch"] for row in last["callbacks"]["EpochHistory"]["rows"]] == [0, 1, 2]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
-def test_progress_bar_reads_metrics_per_epoch_not_per_batch(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    from fmnist_pl.cli import EpochMetricsRichProgressBar
-
-    reads = []
-    original = EpochMetricsRichProgressBar.get_metrics
-    monkeypatch.setattr(
-        EpochMetricsRichProgressBar, "get_metrics", lambda self, *a: reads.append(1) or original(self, *a)
-    )
-    args = [a for a in tiny_args(tiny_data, tmp_path, "--trainer.max_epochs=2") if "enable_progress_bar" not in a]
-    main(["fit", *args, "--trainer.logger.init_args.version=bar"])  # 2 epochs of 17 training batches
-    assert 0 < len(reads) <= 8  # a few per epoch (training and validation ends), none per batch
-    assert (tmp_path / "runs" / "bar" / "checkpoints" / "last.ckpt").is_file()
-
-
+@pytest.mark.integration
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 def test_training_metrics_are_the_exact_per_image_means_of_the_epoch(
     tiny_data: Path, tmp_path: Path, label_smoothing: float

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import N_TEST, tiny_args
 
+pytestmark = pytest.mark.integration  # real fits, a Prefect server, subprocesses
+
 
 def cli(*args: str) -> None:
     """Run `python -m fmnist_pl` in a subprocess: Lightning's DDP launcher re-runs that command for each rank."""

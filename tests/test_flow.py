@@ -14,26 +14,34 @@ import pandas as pd
 import pytest
 from conftest import FLOW_FILE
 
+from fmnist_pl.networks import NETWORKS
+from fmnist_pl.settings import PipelineSettings
 
-def tiny_flow_args(data: Path, out: Path, **overrides) -> dict:
-    return {"data_dir": str(data), "require_official": False, "val_size": 100, "epochs": 2, "accelerator": "cpu",
-            "output_dir": str(out), **overrides}  # fmt: skip
+pytestmark = pytest.mark.integration  # real fits, a Prefect server, subprocesses
+
+
+def tiny_flow_args(data: Path, out: Path, **overrides) -> PipelineSettings:
+    settings = {"data_dir": str(data), "require_official": False, "val_size": 100, "epochs": 2, "accelerator": "cpu",
+                "output_dir": str(out)}  # fmt: skip
+    return PipelineSettings(**{**settings, **overrides})
 
 
 def cli_flow_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(FLOW_FILE), "--data-dir", str(data), "--not-official", "--val-size", "100",
+    return [sys.executable, str(FLOW_FILE), "--data-dir", str(data), "--no-require-official", "--val-size", "100",
             "--accelerator", "cpu", "--output-dir", str(out), *extra]  # fmt: skip
 
 
 def test_whole_flow_writes_a_run_folder_report_and_artifacts_then_reuses_finished_steps(
     pipeline, tiny_data: Path, tmp_path: Path
 ) -> None:
-    run_dir = Path(pipeline.full_pipeline(**tiny_flow_args(tiny_data, tmp_path)))
+    run_dir = Path(pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path)))
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed"
+    assert record["networks"] == list(NETWORKS)  # the default: every registered network
     assert (tmp_path / "latest").resolve() == run_dir.resolve()
     report = (run_dir / "report.md").read_text()
-    for network in ("dense", "cnn"):
+    assert [line for line in report.splitlines() if line.startswith("## ")][1:4] == [f"## {n}" for n in NETWORKS]
+    for network in NETWORKS:
         metrics = json.loads((run_dir / network / "evaluate" / "test" / "test_metrics.json").read_text())
         assert f"{metrics['accuracy']:.2%}" in report  # numbers come from the metrics files
         assert (run_dir / network / "train" / "checkpoints" / "best.ckpt").is_file()
@@ -47,10 +55,10 @@ def test_whole_flow_writes_a_run_folder_report_and_artifacts_then_reuses_finishe
 
     checkpoint = run_dir / "cnn" / "train" / "checkpoints" / "best.ckpt"
     written = checkpoint.stat().st_mtime_ns
-    again = Path(pipeline.full_pipeline(**tiny_flow_args(tiny_data, tmp_path)))
+    again = Path(pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path)))
     assert again != run_dir and (run_dir / "report.md").read_text() == report  # the earlier run is untouched
     steps = json.loads((again / "run.json").read_text())["steps"]
-    assert all(steps[f"{kind}-{n}"]["cached"] for kind in ("train", "evaluate") for n in ("dense", "cnn"))
+    assert all(steps[f"{kind}-{n}"]["cached"] for kind in ("train", "evaluate") for n in NETWORKS)
     assert checkpoint.stat().st_mtime_ns == written
     assert (tmp_path / "latest").resolve() == again.resolve()
 
@@ -69,14 +77,14 @@ def test_download_that_fails_once_succeeds_on_retry(
 
     monkeypatch.setattr(pipeline, "load_dataset", flaky_load)
     monkeypatch.setattr(pipeline, "download_data", pipeline.download_data.with_options(retry_delay_seconds=0))
-    run_dir = Path(pipeline.full_pipeline(**tiny_flow_args(tiny_data, tmp_path, models=["cnn"], epochs=1)))
+    run_dir = Path(pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path, models=["cnn"], epochs=1)))
     assert len(calls) == 2
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
 
 
 def test_failed_step_is_recorded_with_its_reason(pipeline, tiny_data: Path, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="fit"):
-        pipeline.full_pipeline(**tiny_flow_args(tiny_data, tmp_path, models=["cnn"], val_size=5000))
+        pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path, models=["cnn"], val_size=5000))
     record = json.loads((tmp_path / "latest" / "run.json").read_text())
     assert record["status"] == "failed" and record["failed_step"] == "train-cnn"
     assert "exit code 2" in record["error"]
@@ -109,7 +117,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(
     finished_before_kill = len(pd.read_csv(history))
     assert finished_before_kill < epochs, "training finished before it could be killed"
 
-    run_dir = Path(pipeline.full_pipeline(**tiny_flow_args(tiny_data, tmp_path, models=["dense"], epochs=epochs)))
+    run_dir = Path(pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path, models=["dense"], epochs=epochs)))
     train = json.loads((run_dir / "run.json").read_text())["steps"]["train-dense"]
     assert train["resumed"] is True
     resumed = pd.read_csv(run_dir / "dense" / "train" / "history.csv")

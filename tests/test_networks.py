@@ -1,4 +1,4 @@
-"""The two architectures, their initialization, and the L2 penalty as Keras applies it."""
+"""The registered architectures: the study's two (layers, Keras initialization, L2 penalty) and BatchNormCNN."""
 
 from __future__ import annotations
 
@@ -10,22 +10,24 @@ from torch import nn
 
 from fmnist_pl.errors import ConfigError
 from fmnist_pl.module import FashionMNISTClassifier
-from fmnist_pl.networks import SeedCNN, SeedDenseNet, count_trainable_parameters
+from fmnist_pl.networks import NETWORKS, BatchNormCNN, StudyDenseNet, StudyLeNetCNN, count_trainable_parameters
 
 
-@pytest.mark.parametrize(("network", "parameters"), [(SeedDenseNet, 2_261_465), (SeedCNN, 116_859)])
-def test_trainable_parameters_match_the_study(network: type[nn.Module], parameters: int) -> None:
+@pytest.mark.parametrize(
+    ("network", "parameters"), [(StudyDenseNet, 2_261_465), (StudyLeNetCNN, 116_859), (BatchNormCNN, 162_562)]
+)
+def test_trainable_parameters_are_pinned(network: type[nn.Module], parameters: int) -> None:
     net = network()
     assert count_trainable_parameters(net) == parameters
     assert net(torch.rand(5, 1, 28, 28)).shape == (5, 10)
 
 
 def test_layers_and_activations_are_the_studys() -> None:
-    dense = SeedDenseNet()
+    dense = StudyDenseNet()
     widths = [m.out_features for m in dense.modules() if isinstance(m, nn.Linear)]
     assert widths == [750, 750, 750, 500, 250, 125, 75, 50, 10, 10, 10, 10]
     assert sum(isinstance(m, nn.ReLU) for m in dense.modules()) == 11
-    cnn = SeedCNN()
+    cnn = StudyLeNetCNN()
     convs = [(m.out_channels, m.kernel_size, m.padding) for m in cnn.modules() if isinstance(m, nn.Conv2d)]
     assert convs == [(6, (5, 5), (2, 2)), (36, (5, 5), (0, 0)), (108, (5, 5), (0, 0))]
     assert sum(isinstance(m, nn.AvgPool2d) for m in cnn.modules()) == 2
@@ -33,7 +35,7 @@ def test_layers_and_activations_are_the_studys() -> None:
     assert [m.out_features for m in cnn.classifier if isinstance(m, nn.Linear)] == [84, 42, 21, 10, 10]
 
 
-@pytest.mark.parametrize("network", [SeedDenseNet, SeedCNN])
+@pytest.mark.parametrize("network", [StudyDenseNet, StudyLeNetCNN])
 def test_initialization_is_keras_glorot_uniform_with_zero_biases(network: type[nn.Module]) -> None:
     torch.manual_seed(0)
     for layer in network().modules():
@@ -90,23 +92,37 @@ def test_bad_model_options_are_rejected(kwargs: dict, message: str) -> None:
 
 def test_cnn_runs_channels_last_with_the_same_arithmetic() -> None:
     torch.manual_seed(0)
-    cnn = SeedCNN()
+    cnn = StudyLeNetCNN()
     assert all(
         c.weight.is_contiguous(memory_format=torch.channels_last) for c in cnn.features if isinstance(c, nn.Conv2d)
     )
     images = torch.rand(8, 1, 28, 28)
     reference = nn.Sequential(cnn.features, cnn.classifier)  # the same layers, fed a contiguous NCHW batch
     plain_weights = {k: v.contiguous() for k, v in cnn.state_dict().items()}
-    fresh = SeedCNN()
+    fresh = StudyLeNetCNN()
     fresh.load_state_dict(plain_weights)  # a checkpoint's plain tensors keep the network's layout when loaded
     assert fresh.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(fresh(images), reference(images.contiguous()), atol=1e-5)
 
 
-def test_fast_path_for_lightnings_hook_name_leaves_module_registration_intact() -> None:
-    model = FashionMNISTClassifier(network="dense")
-    model._current_fx_name = "training_step"
-    assert model._current_fx_name == "training_step" and "_current_fx_name" not in dict(model.named_buffers())
-    model.extra_head = nn.Linear(10, 10)  # other attributes still go through nn.Module's registration
-    model.extra_scale = nn.Parameter(torch.ones(1))
-    assert "extra_head" in dict(model.named_children()) and "extra_scale" in dict(model.named_parameters())
+def test_registry_names_every_network_once_and_each_builds() -> None:
+    assert list(NETWORKS) == ["dense", "cnn", "bn_cnn"]
+    for network in NETWORKS.values():
+        assert network()(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    from fmnist_pl.networks import register
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register("cnn")(nn.Identity)
+
+
+def test_batchnorm_cnn_layers_and_channels_last() -> None:
+    net = BatchNormCNN()
+    convs = [(m.in_channels, m.out_channels, m.kernel_size, m.bias) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c_in, c_out) for c_in, c_out, *_ in convs] == [(1, 24), (24, 24), (24, 48), (48, 48), (48, 96), (96, 96)]
+    assert all(kernel == (3, 3) and bias is None for _, _, kernel, bias in convs)  # BatchNorm's shift is the bias
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 6
+    assert sum(isinstance(m, nn.MaxPool2d) for m in net.modules()) == 2
+    assert all(
+        c.weight.is_contiguous(memory_format=torch.channels_last) for c in net.modules() if isinstance(c, nn.Conv2d)
+    )
+    assert net.penalized_weights() == []  # regularized by the optimizer's weight decay instead

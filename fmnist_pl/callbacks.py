@@ -1,0 +1,183 @@
+"""What a run writes, as Lightning callbacks: the epoch history, confusion matrices, test metrics, predictions,
+and the checkpoint an interrupted fit resumes from. Every file is written atomically by rank 0 alone."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+
+from fmnist_pl import layout
+from fmnist_pl.data import CLASS_NAMES
+from fmnist_pl.io import atomic_write, write_text_atomic
+from fmnist_pl.networks import count_trainable_parameters
+
+
+def run_dir(trainer: L.Trainer) -> Path | None:
+    """The run's folder. Call on every rank: under DDP `trainer.log_dir` is a broadcast, a collective."""
+    log_dir = trainer.log_dir
+    return Path(log_dir) if log_dir else None
+
+
+def write_confusion_matrix(matrix: torch.Tensor, path: Path) -> None:
+    """Write a confusion matrix as CSV: rows are true classes, columns predicted, both labelled by class name."""
+    frame = pd.DataFrame(matrix.cpu().numpy(), index=CLASS_NAMES, columns=CLASS_NAMES)
+    frame.index.name = "true \\ predicted"
+    with atomic_write(path) as tmp:
+        frame.to_csv(tmp)
+
+
+class EpochHistory(Callback):
+    """history.csv, one row per epoch (train/val loss and accuracy, learning rate, seconds), and one console line.
+
+    The rows travel inside the checkpoint (this callback's state), so a resumed run continues the same table:
+    CSVLogger, by contrast, deletes metrics.csv when a run resumes in its folder. Written at the end of
+    validation, which Lightning runs before the checkpoint callbacks save at the end of the training epoch.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        directory = run_dir(trainer)  # every rank: a collective under DDP
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        train_loss, train_accuracy = pl_module.train_epoch_results()  # every rank: a reduction
+        val = pl_module.epoch_results["val"]
+        self.rows.append(
+            {
+                "epoch": trainer.current_epoch,
+                "train/loss": train_loss,
+                "train/acc": train_accuracy,
+                "val/loss": val["loss"],
+                "val/acc": val["accuracy"],
+                "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                "epoch_seconds": time.perf_counter() - pl_module.epoch_started,
+            }
+        )
+        if not trainer.is_global_zero or directory is None:
+            return
+        with atomic_write(directory / layout.HISTORY) as tmp:
+            pd.DataFrame(self.rows).to_csv(tmp, index=False)
+        row = self.rows[-1]
+        print(
+            f"[{pl_module.hparams.network}] epoch {row['epoch'] + 1}/{trainer.max_epochs}: "
+            f"train loss {row['train/loss']:.4f} acc {row['train/acc']:.4f} | "
+            f"val loss {row['val/loss']:.4f} acc {row['val/acc']:.4f} | {row['epoch_seconds']:.1f} s",
+            flush=True,
+        )
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = list(state_dict.get("rows", []))
+
+
+class EvaluationFiles(Callback):
+    """confusion_matrix_val.csv after each validation; after `test`, confusion_matrix_test.csv and
+    test_metrics.json: accuracy (with and without flip TTA), loss, images, parameters, FLOPs, throughput."""
+
+    def __init__(self) -> None:
+        self._test_started = 0.0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        directory = run_dir(trainer)
+        if trainer.sanity_checking or not trainer.is_global_zero or directory is None:
+            return
+        write_confusion_matrix(
+            pl_module.epoch_results["val"]["confusion"], directory / layout.confusion_matrix_file("val")
+        )
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._test_started = time.perf_counter()
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seconds = time.perf_counter() - self._test_started
+        directory = run_dir(trainer)
+        if not trainer.is_global_zero or directory is None:
+            return
+        results = pl_module.epoch_results["test"]
+        matrix = results["confusion"]
+        directory.mkdir(parents=True, exist_ok=True)
+        write_confusion_matrix(matrix, directory / layout.confusion_matrix_file("test"))
+        images = int(matrix.sum().item())
+        flip = bool(pl_module.hparams.get("test_time_flip", False))
+        metrics = {
+            "network": pl_module.hparams.network,
+            "accuracy": matrix.diag().sum().item() / images,
+            "test_time_flip": flip,
+            "accuracy_without_flip": results["accuracy_without_flip"] if flip else matrix.diag().sum().item() / images,
+            "loss": results["loss"],
+            "images": images,
+            "trainable_parameters": count_trainable_parameters(pl_module.network),
+            "flops_per_image": forward_flops(pl_module.network),
+            "test_images_per_second": round(images / seconds),
+            "accelerator": trainer.accelerator.__class__.__name__.removesuffix("Accelerator").lower(),
+            "precision": trainer.precision,
+            "checkpoint": trainer.ckpt_path,
+            "devices": trainer.world_size,
+        }
+        write_text_atomic(directory / layout.TEST_METRICS, json.dumps(metrics, indent=2) + "\n")
+
+
+def forward_flops(network: torch.nn.Module) -> int:
+    """FLOPs of one image's forward pass (a multiply-add counts 2), as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parameter = next(network.parameters())
+    was_training = network.training
+    network.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        network(torch.zeros(1, 1, 28, 28, device=parameter.device, dtype=parameter.dtype))
+    network.train(was_training)
+    return int(counter.get_total_flops())
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt`, rewritten after every epoch: what an interrupted run resumes from.
+
+    ModelCheckpoint(save_last=True) is not that: in Lightning 2.6 it rewrites last.ckpt only when a best
+    checkpoint is saved too, so after the last improvement it stops following the run.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+
+
+class PredictionsWriter(BasePredictionWriter):
+    """Writes `predict` results to <run dir>/predictions.csv: true label (-1 if unknown), prediction, confidence,
+    and one probability column per class."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:  # noqa: ANN001
+        directory = run_dir(trainer)
+        if not directory:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        columns = {key: torch.cat([p[key] for p in predictions]).cpu() for key in predictions[0]}
+        frame = pd.DataFrame(
+            {"label": columns["label"], "predicted": columns["predicted"], "confidence": columns["confidence"]}
+        )
+        for i, name in enumerate(CLASS_NAMES):
+            frame[f"p_{name}"] = columns["probabilities"][:, i]
+        # Each rank classified a contiguous shard; shards in rank order are the input order.
+        shard = directory / f".predictions.rank{trainer.global_rank}.csv"
+        frame.to_csv(shard, index=False)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            shards = [directory / f".predictions.rank{r}.csv" for r in range(trainer.world_size)]
+            merged = pd.concat([pd.read_csv(s) for s in shards], ignore_index=True)
+            merged.index.name = "index"
+            with atomic_write(directory / layout.PREDICTIONS) as tmp:
+                merged.to_csv(tmp)
+            for s in shards:
+                s.unlink()
+        trainer.strategy.barrier()

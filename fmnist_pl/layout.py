@@ -1,0 +1,115 @@
+"""The run layout: every folder and file that the CLI, the pipeline and the report share, named in one place.
+
+outputs/<run id>/run.json, report.md, report.html, summary.json, figures/, tables/
+outputs/<run id>/<network>/train    -> ../../steps/train-<network>-<key>/     (a TrainingFolder)
+outputs/<run id>/<network>/evaluate -> ../../steps/evaluate-<network>-<key>/  (an EvaluationFolder)
+outputs/latest -> <run id>
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# Files a CLI run folder holds (`fmnist-pl fit|test|predict` write them into their log dir).
+HISTORY = "history.csv"
+BEST_CHECKPOINT = "checkpoints/best.ckpt"
+LAST_CHECKPOINT = "checkpoints/last.ckpt"
+TEST_METRICS = "test_metrics.json"
+PREDICTIONS = "predictions.csv"
+
+
+def confusion_matrix_file(split: str) -> str:
+    """`confusion_matrix_val.csv` / `confusion_matrix_test.csv`: rows true class, columns predicted."""
+    return f"confusion_matrix_{split}.csv"
+
+
+@dataclass(frozen=True)
+class TrainingFolder:
+    """A pipeline training step: one `fmnist-pl fit` run folder plus its log."""
+
+    path: Path
+
+    @property
+    def history(self) -> Path:
+        return self.path / HISTORY
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.path / BEST_CHECKPOINT
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.path / LAST_CHECKPOINT
+
+    @property
+    def log(self) -> Path:
+        return self.path / "train.log"
+
+
+@dataclass(frozen=True)
+class EvaluationFolder:
+    """A pipeline evaluation step: `fmnist-pl test` in test/, `predict` on a split in predict_<split>/."""
+
+    path: Path
+
+    @property
+    def test(self) -> Path:
+        return self.path / "test"
+
+    @property
+    def test_metrics(self) -> Path:
+        return self.test / TEST_METRICS
+
+    @property
+    def confusion_test(self) -> Path:
+        return self.test / confusion_matrix_file("test")
+
+    def predict(self, split: str) -> Path:
+        """The `predict` run folder for `split` (test or train)."""
+        return self.path / f"predict_{split}"
+
+    def predictions(self, split: str) -> Path:
+        return self.predict(split) / PREDICTIONS
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One pipeline run: its record, report and a train/evaluate link pair per network."""
+
+    path: Path
+
+    @property
+    def record(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def figures(self) -> Path:
+        return self.path / "figures"
+
+    @property
+    def tables(self) -> Path:
+        return self.path / "tables"
+
+    def report(self, suffix: str) -> Path:
+        """report.md, report.html; summary.json is `summary`."""
+        return self.path / f"report{suffix}"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    def training(self, network: str) -> TrainingFolder:
+        return TrainingFolder(self.path / network / "train")
+
+    def evaluation(self, network: str) -> EvaluationFolder:
+        return EvaluationFolder(self.path / network / "evaluate")
+
+
+def step_folder(steps_dir: Path, step: str, network: str, key: str) -> Path:
+    """A cached step's folder: <steps dir>/<step>-<network>-<key>."""
+    return steps_dir / f"{step}-{network}-{key}"
+
+
+STEPS_DIR = "steps"
+LATEST = "latest"

@@ -1,0 +1,107 @@
+"""The pipeline's settings, declared once: the flow's parameter (a form in the Prefect UI), the command-line
+options of `flows/full_pipeline.py`, the deployment's defaults and the `fmnist-pl` options each step passes.
+
+A new option is one field here. A field whose metadata names a `cli` option is passed to every training and
+evaluation command (when not None); the rest steer the pipeline itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fmnist_pl.networks import NETWORKS
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+NetworkName = Literal[tuple(NETWORKS)]  # type: ignore[valid-type]  # the registry's names, for validation and the UI
+
+
+def packaged_configs() -> dict[str, Path]:
+    """Config files shipped in the package, by name (`reference_dense`, `fast_bn_cnn`, ...)."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def profile_config(profile: str, network: str) -> Path | None:
+    """The packaged config `<profile>_<network>.yaml`, or None when the profile has none for that network."""
+    return packaged_configs().get(f"{profile}_{network}")
+
+
+PROFILES = tuple(sorted({name.split("_", 1)[0] for name in packaged_configs()}))
+ProfileName = Literal[PROFILES]  # type: ignore[valid-type]
+
+
+def cli(option: str) -> dict:
+    """Field metadata: the `fmnist-pl` option that carries this setting to training and evaluation."""
+    return {"json_schema_extra": {"cli": option}}
+
+
+class PipelineSettings(BaseModel):
+    """What one pipeline run trains and how; None means the profile's config decides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[NetworkName] | None = Field(
+        None, description="networks to train (default: every network the profile has a config for)"
+    )
+    profile: ProfileName = Field("fast", description="fast (default) or reference (the study's settings)")
+    epochs: int | None = Field(None, ge=1, description="training epochs (default: the profile's)",
+                               **cli("--trainer.max_epochs"))  # fmt: skip
+    batch_size: int | None = Field(None, ge=1, description="training batch size per device (default: the profile's)",
+                                   **cli("--data.batch_size"))  # fmt: skip
+    val_size: int | None = Field(None, ge=1, description="validation images, the first of the training set "
+                                 "(default 5000)", **cli("--data.val_size"))  # fmt: skip
+    accelerator: str = Field("auto", description="cpu, gpu, mps, auto (default)", **cli("--trainer.accelerator"))
+    devices: str = Field("auto", description="devices per node: a number, or auto (default)",
+                         **cli("--trainer.devices"))  # fmt: skip
+    strategy: str = Field("auto", description="Lightning strategy, e.g. ddp (default: auto)",
+                          **cli("--trainer.strategy"))  # fmt: skip
+    num_nodes: int = Field(1, ge=1, description="nodes for multi-node DDP (default 1)", **cli("--trainer.num_nodes"))
+    train_launcher: str | None = Field(None, description="command that starts training once per task, e.g. 'srun' "
+                                       "in a SLURM allocation for --num-nodes > 1")  # fmt: skip
+    seed: int = Field(0, description="seed for all randomness (default 0)", **cli("--seed_everything"))
+    data_dir: str | None = Field(None, description="folder with the Fashion-MNIST IDX files (default: "
+                                 "$FMNIST_DATA_DIR, a local copy, or the official download)", **cli("--data.data_dir"))  # fmt: skip
+    output_dir: str = Field("outputs", description="where runs and cached steps go (default outputs)")
+    require_official: bool = Field(True, description="check the files against the official release (off: your own "
+                                   "or test data)", **cli("--data.require_official"))  # fmt: skip
+
+    def networks(self) -> list[str]:
+        """The networks this run trains: those asked for, else every one the profile has a config for."""
+        return list(self.models or [n for n in NETWORKS if profile_config(self.profile, n)])
+
+    def cli_options(self, **overrides: object) -> list[str]:
+        """The `fmnist-pl` options that carry these settings (`overrides` replace values, e.g. devices=1)."""
+        values = {**self.model_dump(), **overrides}
+        options = []
+        for name, info in type(self).model_fields.items():
+            option = (info.json_schema_extra or {}).get("cli")
+            value = values[name]
+            if option and value is not None:
+                options.append(f"{option}={str(value).lower() if isinstance(value, bool) else value}")
+        return options
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseModel] = PipelineSettings) -> None:
+    """One `--option` per settings field, with its type, choices, default and description."""
+    for name, info in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        annotation = info.annotation
+        if isinstance(annotation, types.UnionType):  # `X | None`: the option is X, omitted means None
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        kwargs: dict = {"default": info.default, "help": info.description}
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            if typing.get_origin(annotation) is list:
+                kwargs["nargs"] = "+"
+                (annotation,) = typing.get_args(annotation)
+            if typing.get_origin(annotation) is Literal:
+                kwargs["choices"] = typing.get_args(annotation)
+            else:
+                kwargs["type"] = annotation
+        parser.add_argument(flag, dest=name, **kwargs)

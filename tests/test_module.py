@@ -1,0 +1,97 @@
+"""The shared LightningModule without a Trainer: the loss, flip test-time augmentation, metrics and optimizers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fmnist_pl.errors import ConfigError
+from fmnist_pl.module import FashionMNISTClassifier
+
+
+def batch(n: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+
+
+@pytest.mark.parametrize("network", ["dense", "cnn"])
+def test_training_loss_is_cross_entropy_plus_the_keras_l2_term(network: str) -> None:
+    torch.manual_seed(0)
+    module = FashionMNISTClassifier(network=network, l2_penalty=1e-3, label_smoothing=0.1)
+    images, labels = batch()
+    loss = module.training_step((images, labels), 0)
+    expected = F.cross_entropy(module(images), labels, label_smoothing=0.1) + 1e-3 * sum(
+        (w**2).sum() for w in module.network.penalized_weights()
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    # The epoch totals count images and report the plain (unsmoothed) cross-entropy.
+    assert module.train_images.item() == 12
+    assert module.train_loss_sum.item() / 12 == pytest.approx(F.cross_entropy(module(images), labels).item(), rel=1e-5)
+
+
+def test_no_l2_term_for_a_network_regularized_by_weight_decay() -> None:
+    module = FashionMNISTClassifier(network="bn_cnn", l2_penalty=1e-3)
+    assert module.l2_term() == 0.0
+
+
+def test_flip_tta_averages_the_plain_and_mirrored_probabilities() -> None:
+    torch.manual_seed(0)
+    plain = FashionMNISTClassifier(network="cnn").eval()
+    tta = FashionMNISTClassifier(network="cnn", test_time_flip=True).eval()
+    tta.load_state_dict(plain.state_dict())
+    images, labels = batch()
+    with torch.no_grad():
+        expected = (plain(images).softmax(1) + plain(images.flip(-1)).softmax(1)) / 2
+        out = tta.predict_step((images, labels), 0)
+        _, untouched = plain.class_probabilities(images)
+    assert torch.allclose(out["probabilities"], expected, atol=1e-6)
+    assert torch.equal(out["predicted"], expected.argmax(1))
+    assert torch.allclose(untouched, plain(images).softmax(1))  # off: the plain softmax
+    assert not torch.allclose(out["probabilities"], untouched)  # a mirror image is another input
+
+
+def test_test_metrics_with_tta_keep_the_accuracy_without_it() -> None:
+    torch.manual_seed(0)
+    module = FashionMNISTClassifier(network="cnn", test_time_flip=True).eval()
+    module.log = lambda *args, **kwargs: None  # no Trainer to log to
+    images, labels = batch(40)
+    with torch.no_grad():
+        module.evaluation_step((images, labels), "test")
+        plain_correct = (module(images).argmax(1) == labels).float().mean().item()
+        _, probabilities = module.class_probabilities(images)
+    module._finish_evaluation_epoch("test")
+    results = module.epoch_results["test"]
+    assert results["accuracy_without_flip"] == pytest.approx(plain_correct)
+    assert results["accuracy"] == pytest.approx((probabilities.argmax(1) == labels).float().mean().item())
+    assert results["confusion"].sum() == 40
+    assert results["loss"] == pytest.approx(F.cross_entropy(module(images), labels).item(), rel=1e-5)
+
+
+def test_adamw_decays_weights_but_not_biases_or_batchnorm() -> None:
+    module = FashionMNISTClassifier(network="bn_cnn", optimizer="adamw", learning_rate=1e-2, weight_decay=5e-4)
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decayed, others = optimizer.param_groups
+    assert decayed["weight_decay"] == 5e-4 and others["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in others["params"])
+    assert len(decayed["params"]) + len(others["params"]) == len(list(module.parameters()))
+
+
+def test_sgd_is_nesterov() -> None:
+    optimizer = FashionMNISTClassifier(network="cnn", optimizer="sgd", learning_rate=0.1).configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weight_decay": -1.0}, "weight_decay must be ≥ 0"),
+        ({"warmup_fraction": 1.0}, "warmup_fraction"),
+        ({"network": "resnet"}, "choose one of dense, cnn, bn_cnn"),
+    ],
+)
+def test_bad_options_are_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        FashionMNISTClassifier(**kwargs)

@@ -1,0 +1,134 @@
+"""Pipeline settings declared once (argparse, Prefect parameters, CLI options derive from them) and the run layout."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pydantic
+import pytest
+from conftest import FLOW_FILE
+
+from fmnist_pl import layout
+from fmnist_pl.networks import NETWORKS
+from fmnist_pl.settings import PipelineSettings, add_settings_arguments, packaged_configs, profile_config
+
+
+@pytest.fixture(scope="module")
+def flow_module():
+    """flows/full_pipeline.py imported without running anything (no Prefect server is started by importing)."""
+    spec = importlib.util.spec_from_file_location("full_pipeline_for_settings", FLOW_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_field_is_a_command_line_option_with_its_default_and_help() -> None:
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(actions) == set(PipelineSettings.model_fields)
+    for name, info in PipelineSettings.model_fields.items():
+        assert actions[name].option_strings[0] == "--" + name.replace("_", "-")
+        assert actions[name].help == info.description and actions[name].default == info.default
+    assert tuple(actions["models"].choices) == tuple(NETWORKS)  # the registry's networks, nothing retyped
+    parsed = parser.parse_args(["--models", "cnn", "bn_cnn", "--epochs", "3", "--no-require-official"])
+    assert (parsed.models, parsed.epochs, parsed.require_official) == (["cnn", "bn_cnn"], 3, False)
+
+
+def test_flow_command_line_builds_the_settings(flow_module) -> None:  # noqa: ANN001
+    args, settings = flow_module.parse_args(["--epochs", "2", "--devices", "2", "--data-dir", "/d"])
+    assert args.command == "run"
+    assert settings == PipelineSettings(epochs=2, devices="2", data_dir="/d")
+    args, settings = flow_module.parse_args(["serve", "--cron", "0 3 * * *", "--models", "dense"])
+    assert (args.command, args.cron, settings.models) == ("serve", "0 3 * * *", ["dense"])
+    with pytest.raises(SystemExit):
+        flow_module.parse_args(["--models", "resnet"])
+
+
+def test_settings_become_the_cli_options_of_each_step() -> None:
+    settings = PipelineSettings(epochs=3, seed=7, require_official=False, data_dir="/data")
+    assert settings.cli_options() == [
+        "--trainer.max_epochs=3", "--trainer.accelerator=auto", "--trainer.devices=auto", "--trainer.strategy=auto",
+        "--trainer.num_nodes=1", "--seed_everything=7", "--data.data_dir=/data", "--data.require_official=false",
+    ]  # fmt: skip
+    assert "--trainer.devices=1" in settings.cli_options(devices=1)
+    assert not any(o.startswith("--data.data_dir") for o in settings.cli_options(data_dir=None))
+
+
+def test_default_networks_are_those_the_profile_has_configs_for() -> None:
+    assert PipelineSettings().networks() == list(NETWORKS)
+    assert PipelineSettings(profile="reference").networks() == ["dense", "cnn"]  # the study had no third network
+    assert PipelineSettings(models=["bn_cnn"]).networks() == ["bn_cnn"]
+    assert all(profile_config("fast", n) for n in NETWORKS)
+    assert set(packaged_configs()) >= {"reference_dense", "reference_cnn", "fast_dense", "fast_cnn", "fast_bn_cnn"}
+
+
+@pytest.mark.parametrize(
+    "bad", [{"models": ["resnet"]}, {"profile": "slow"}, {"epochs": 0}, {"batch_size": -1}, {"epochs_typo": 3}]
+)
+def test_bad_settings_are_rejected_before_any_work(bad: dict) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        PipelineSettings(**bad)
+
+
+def test_a_profile_without_a_config_for_a_network_is_one_clear_error(flow_module) -> None:  # noqa: ANN001
+    from fmnist_pl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="profile 'reference' has no config for network 'bn_cnn'"):
+        flow_module.network_config(PipelineSettings(profile="reference"), "bn_cnn")
+
+
+def test_step_keys_change_with_what_decides_the_result_only(flow_module) -> None:  # noqa: ANN001
+    module = flow_module
+    base = PipelineSettings()
+    key = module.step_key(options=base.cli_options(data_dir=None))
+    assert key == module.step_key(options=PipelineSettings(train_launcher="srun").cli_options(data_dir=None))
+    assert key == module.step_key(options=PipelineSettings(data_dir="/elsewhere").cli_options(data_dir=None))
+    assert key != module.step_key(options=PipelineSettings(epochs=2).cli_options(data_dir=None))
+
+
+def test_run_layout_names_every_file_once(tmp_path: Path) -> None:
+    run = layout.RunFolder(tmp_path / "run")
+    assert run.record == tmp_path / "run" / "run.json"
+    assert run.training("cnn").best_checkpoint == tmp_path / "run" / "cnn" / "train" / "checkpoints" / "best.ckpt"
+    evaluation = run.evaluation("cnn")
+    assert evaluation.test_metrics == tmp_path / "run" / "cnn" / "evaluate" / "test" / "test_metrics.json"
+    assert evaluation.confusion_test.name == "confusion_matrix_test.csv"
+    assert (
+        evaluation.predictions("train") == tmp_path / "run" / "cnn" / "evaluate" / "predict_train" / "predictions.csv"
+    )
+    assert layout.step_folder(tmp_path, "train", "cnn", "abc") == tmp_path / "train-cnn-abc"
+
+
+def test_importing_the_package_changes_nothing_global() -> None:
+    """Warning filters, environment variables and matplotlib's backend are the entry points' business."""
+    import subprocess
+    import sys
+
+    probe = (
+        # The dependencies first: torch and Lightning set filters and variables of their own when imported.
+        "import os, sys, warnings, torch, torchvision, lightning, torchmetrics, pandas, matplotlib, pydantic; "
+        "import lightning.pytorch.cli, matplotlib.figure; "
+        "backend = dict.__getitem__(matplotlib.rcParams, 'backend'); "
+        "filters = list(warnings.filters); env = dict(os.environ); "
+        "import fmnist_pl, fmnist_pl.cli, fmnist_pl.report, fmnist_pl.callbacks, fmnist_pl.settings; "
+        "assert warnings.filters == filters, 'warning filters changed'; assert dict(os.environ) == env, 'env changed'; "
+        "assert dict.__getitem__(matplotlib.rcParams, 'backend') == backend, 'matplotlib backend chosen'"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_cpu_threads_follow_training_cost_and_use_every_core(flow_module) -> None:  # noqa: ANN001
+    shares = flow_module.cpu_thread_shares
+    costs = {"dense": 1.2e12, "cnn": 0.5e12, "bn_cnn": 11e12}  # estimates for the fast profile
+    assert shares(costs, 2) == {"dense": 1, "cnn": 1, "bn_cnn": 2}  # it would otherwise finish alone on one core
+    assert shares(costs, 4) == {"dense": 1, "cnn": 1, "bn_cnn": 2}
+    assert shares(costs, 8) == {"dense": 2, "cnn": 1, "bn_cnn": 5}
+    assert sum(shares(costs, 16).values()) == 16
+    assert shares({"dense": 1.2e12, "cnn": 0.5e12}, 2) == {"dense": 1, "cnn": 1}  # no clear winner: no oversubscribing
+    assert flow_module.training_cost(PipelineSettings(), "bn_cnn") > 5 * flow_module.training_cost(
+        PipelineSettings(), "dense"
+    )
