@@ -22,6 +22,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.settings import (
@@ -32,10 +33,12 @@ from prefect.settings import (
 from prefect.tasks import exponential_backoff
 
 from fmnist_pl import __version__, layout
+from fmnist_pl.callbacks import forward_flops
 from fmnist_pl.cli import quiet_known_warnings, run_cli
 from fmnist_pl.data import load_dataset
 from fmnist_pl.errors import ConfigError, FmnistError
 from fmnist_pl.io import write_text_atomic
+from fmnist_pl.networks import NETWORKS
 from fmnist_pl.report import build_report
 from fmnist_pl.settings import PipelineSettings, add_settings_arguments, profile_config
 
@@ -222,16 +225,10 @@ def on_cpu(accelerator: str) -> bool:
 
 
 def training_cost(settings: PipelineSettings, network: str) -> float:
-    """A training's relative CPU cost: forward FLOPs per image × epochs × training images per epoch."""
-    import yaml
-
-    from fmnist_pl.callbacks import forward_flops
-    from fmnist_pl.networks import NETWORKS
-
+    """A training's relative CPU cost: forward FLOPs per image × epochs (every network sees the same images)."""
     config = yaml.safe_load(network_config(settings, network).read_text())
     epochs = settings.epochs or config.get("trainer", {}).get("max_epochs", 1)
-    val_size = settings.val_size or config.get("data", {}).get("val_size", 5000)
-    return forward_flops(NETWORKS[network]()) * epochs * (60_000 - val_size)
+    return forward_flops(NETWORKS[network]()) * epochs
 
 
 def cpu_thread_shares(costs: dict[str, float], cores: int) -> dict[str, int]:

@@ -227,3 +227,15 @@ def test_predict_images_from_a_folder_of_pngs(tmp_path: Path) -> None:
         load_predict_images(tmp_path)
     with pytest.raises(DataError, match="no such file"):
         load_predict_images(tmp_path / "missing")
+
+
+def test_max_shift_zero_augments_with_flips_only_and_bad_values_are_rejected() -> None:
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
+    batches = ShardedBatches(images, torch.arange(64), 16, shuffle=False, augment=True, max_shift=0)
+    augmented = torch.cat([x for x, _ in batches])
+    plain = images.unsqueeze(1).float() / 255
+    mirrored = (augmented == plain.flip(-1)).flatten(1).all(1)
+    assert ((augmented == plain).flatten(1).all(1) | mirrored).all()  # each image as it is or mirrored, never moved
+    assert 0 < mirrored.sum() < 64
+    with pytest.raises(ConfigError, match="max_shift must be between 0 and 27"):
+        FashionMNISTDataModule(max_shift=30)
