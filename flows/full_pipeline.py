@@ -39,7 +39,7 @@ from fmnist_pl.data import load_dataset
 from fmnist_pl.errors import ConfigError, FmnistError
 from fmnist_pl.io import write_text_atomic
 from fmnist_pl.networks import NETWORKS
-from fmnist_pl.report import build_report
+from fmnist_pl.report import build_report, markdown_with_embedded_figures
 from fmnist_pl.settings import PipelineSettings, add_settings_arguments, profile_config
 
 
@@ -208,8 +208,10 @@ def write_report(run_dir: str) -> dict:
     started = time.perf_counter()
     run = layout.RunFolder(Path(run_dir))
     summary = build_report(run.path)
-    create_markdown_artifact(
-        markdown=run.report(".md").read_text(), key="fmnist-report", description="fmnist-pl comparison report"
+    create_markdown_artifact(  # figures inlined: the UI cannot see the run folder's files
+        markdown=markdown_with_embedded_figures(run.path),
+        key="fmnist-report",
+        description="fmnist-pl comparison report",
     )
     create_table_artifact(table=summary["table"], key="fmnist-results", description="Test accuracy per network")
     return {"report": str(run.report(".md")), "wall_seconds": round(time.perf_counter() - started, 2)}

@@ -50,8 +50,10 @@ def test_whole_flow_writes_a_run_folder_report_and_artifacts_then_reuses_finishe
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        keys = {artifact.key for artifact in client.read_artifacts()}
-    assert {"fmnist-report", "fmnist-results"} <= keys
+        artifacts = {artifact.key: artifact for artifact in client.read_artifacts()}
+    assert {"fmnist-report", "fmnist-results"} <= set(artifacts)
+    assert "data:image/png;base64," in artifacts["fmnist-report"].data  # figures the UI can show
+    assert "](figures/" not in artifacts["fmnist-report"].data
 
     checkpoint = run_dir / "cnn" / "train" / "checkpoints" / "best.ckpt"
     written = checkpoint.stat().st_mtime_ns

@@ -154,3 +154,23 @@ def test_verdict_names_a_winner_only_beyond_the_noise_and_judges_the_90_percent_
     assert "**bn_cnn** is the most accurate: 94.10%, against 89.35% for cnn" in clear
     assert "goal of 90% test accuracy is reached by **bn_cnn**" in clear
     assert "**dense** took the least time to train" in clear
+
+
+def test_prefect_artifact_markdown_embeds_every_figure_and_names_the_run_folder(tmp_path: Path) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from fmnist_pl.report import markdown_with_embedded_figures
+
+    run = write_fake_run(tmp_path, {"dense": 0.88, "bn_cnn": 0.95})
+    build_report(run)
+    markdown = markdown_with_embedded_figures(run)
+    assert "](figures/" not in markdown  # the Prefect UI cannot see the run folder: no relative links
+    images = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([^)]+)\)", markdown)
+    assert len(images) == len(re.findall(r"!\[", (run / "report.md").read_text())) == 9
+    for data in images:
+        width, height = Image.open(io.BytesIO(base64.b64decode(data))).size
+        assert 0 < max(width, height) <= 800
+    assert f"Run folder: `{run.resolve()}`" in markdown
