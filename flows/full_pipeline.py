@@ -22,6 +22,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import pydantic
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -345,7 +346,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Pipel
     args = parser.parse_args(argv)
     if args.command == "serve" and not args.cron:
         parser.error("serve needs --cron, e.g. --cron '0 3 * * *'")
-    settings = PipelineSettings(**{name: getattr(args, name) for name in PipelineSettings.model_fields})
+    # Bad settings end here, in one line, before Prefect's server starts or anything trains.
+    try:
+        settings = PipelineSettings(**{name: getattr(args, name) for name in PipelineSettings.model_fields})
+        for network in settings.networks():
+            network_config(settings, network)
+    except pydantic.ValidationError as e:
+        parser.error("; ".join(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}" for err in e.errors()))
+    except ConfigError as e:
+        parser.error(str(e))
     return args, settings
 
 

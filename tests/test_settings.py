@@ -132,3 +132,20 @@ def test_cpu_threads_follow_training_cost_and_use_every_core(flow_module) -> Non
     assert flow_module.training_cost(PipelineSettings(), "bn_cnn") > 5 * flow_module.training_cost(
         PipelineSettings(), "dense"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "--epochs: Input should be greater than or equal to 1"),
+        (["--profile", "reference", "--models", "bn_cnn"], "profile 'reference' has no config for network 'bn_cnn'"),
+    ],
+)
+def test_bad_pipeline_options_stop_in_one_line_before_any_work(
+    flow_module, capsys: pytest.CaptureFixture, argv: list[str], message: str
+) -> None:  # noqa: ANN001
+    with pytest.raises(SystemExit) as exit_:
+        flow_module.parse_args(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
