@@ -107,12 +107,13 @@ class EvaluationFiles(Callback):
         directory.mkdir(parents=True, exist_ok=True)
         write_confusion_matrix(matrix, directory / layout.confusion_matrix_file("test"))
         images = int(matrix.sum().item())
-        flip = bool(pl_module.hparams.get("test_time_flip", False))
+        accuracy = matrix.diag().sum().item() / images
+        flip = pl_module.hparams.test_time_flip
         metrics = {
             "network": pl_module.hparams.network,
-            "accuracy": matrix.diag().sum().item() / images,
+            "accuracy": accuracy,
             "test_time_flip": flip,
-            "accuracy_without_flip": results["accuracy_without_flip"] if flip else matrix.diag().sum().item() / images,
+            "accuracy_without_flip": results["accuracy_without_flip"] if flip else accuracy,
             "loss": results["loss"],
             "images": images,
             "trainable_parameters": count_trainable_parameters(pl_module.network),

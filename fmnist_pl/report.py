@@ -352,30 +352,36 @@ def _html(title: str, sections: list[Section], run_dir: Path) -> str:
         # The row index only where it means something (class names), never pandas' 0, 1, 2, ...
         parts += [table.to_html(border=0, index=not isinstance(table.index, pd.RangeIndex)) for table in section.tables]
         for path, caption in section.figures:
-            encoded = base64.b64encode((run_dir / path).read_bytes()).decode()
-            parts.append(f"<figure><img src='data:image/png;base64,{encoded}' alt='{html.escape(caption)}'>"
+            parts.append(f"<figure><img src='{png_data_uri(run_dir / path)}' alt='{html.escape(caption)}'>"
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")  # fmt: skip
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
+def png_data_uri(path: Path, max_pixels: int | None = None) -> str:
+    """A PNG file as a data URI; with `max_pixels`, downscaled to fit that box and reduced to a 64-colour palette
+    (plots need no more, and the result is 3-4 times smaller)."""
+    data = path.read_bytes()
+    if max_pixels is not None:
+        from PIL import Image
+
+        image = Image.open(path)
+        image.thumbnail((max_pixels, max_pixels))  # keeps the aspect ratio
+        buffer = io.BytesIO()
+        image.convert("RGB").quantize(colors=64).save(buffer, format="PNG", optimize=True)
+        data = buffer.getvalue()
+    return f"data:image/png;base64,{base64.b64encode(data).decode()}"
+
+
 def markdown_with_embedded_figures(run_dir: Path, max_pixels: int = 800) -> str:
     """report.md with every figure inlined as a downscaled PNG data URI, for places that cannot see the run
-    folder (the Prefect UI's markdown artifacts), headed by the run folder's path."""
-    from PIL import Image
-
+    folder (the Prefect UI's markdown artifacts, stored in its database), headed by the run folder's path."""
     run = RunFolder(Path(run_dir).resolve())
-
-    def embed(match: re.Match) -> str:
-        image = Image.open(run.path / match.group(2))
-        image.thumbnail((max_pixels, max_pixels))  # keeps the aspect ratio
-        # A 64-colour palette: plots need no more, and the artifact, stored in Prefect's database, shrinks 3-4 times.
-        image = image.convert("RGB").quantize(colors=64)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", optimize=True)
-        return f"![{match.group(1)}](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
-
-    markdown = re.sub(r"!\[([^\]]*)\]\((figures/[^)]+)\)", embed, run.report(".md").read_text())
+    markdown = re.sub(
+        r"!\[([^\]]*)\]\((figures/[^)]+)\)",
+        lambda m: f"![{m.group(1)}]({png_data_uri(run.path / m.group(2), max_pixels)})",
+        run.report(".md").read_text(),
+    )
     return markdown.replace("\n", f"\n\nRun folder: `{run.path}`\n", 1)
 
 
