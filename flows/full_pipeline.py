@@ -12,13 +12,18 @@ options, config file and data checksums; an interrupted training step resumes fr
 # No `from __future__ import annotations`: Prefect builds the flow's parameter model from the real annotations,
 # and a served run cannot resolve them from strings.
 import argparse
+import contextlib
+import functools
 import hashlib
 import json
+import logging
 import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -26,6 +31,7 @@ import pydantic
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 from prefect.settings import (
     PREFECT_SERVER_ANALYTICS_ENABLED,
     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
@@ -34,7 +40,7 @@ from prefect.settings import (
 from prefect.tasks import exponential_backoff
 
 from fmnist_pl import __version__, layout
-from fmnist_pl.callbacks import forward_flops
+from fmnist_pl.callbacks import EPOCH_LINE_PREFIX, forward_flops
 from fmnist_pl.cli import quiet_known_warnings, run_cli
 from fmnist_pl.data import load_dataset
 from fmnist_pl.errors import ConfigError, FmnistError
@@ -65,7 +71,8 @@ def retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001
 
 
 def run_cli_subprocess(args: list[str], log_file: Path, env: dict[str, str] | None = None, launcher: str = "") -> None:
-    """Run `[launcher] python -m fmnist_pl ARGS` in its own process, streaming its output to the run's log.
+    """Run `[launcher] python -m fmnist_pl ARGS` in its own process, its whole output into the step's log file
+    and only its per-epoch lines to the flow's log (the console and the Prefect UI).
 
     A subprocess, because Lightning's DDP launcher re-runs the current command for every extra rank:
     inside the flow's process that command would be the whole flow. `launcher` (e.g. `srun`) starts the
@@ -87,12 +94,38 @@ def run_cli_subprocess(args: list[str], log_file: Path, env: dict[str, str] | No
         for line in process.stdout:
             log.write(line)
             log.flush()
-            if line.strip():
+            if line.startswith(EPOCH_LINE_PREFIX):
                 logger.info(line.rstrip())
     if process.wait() != 0:
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-15:])
+        last = next((line for line in reversed(log_file.read_text().splitlines()) if line.strip()), "")
         error = BadInputError if process.returncode == 2 else RuntimeError
-        raise error(f"`fmnist-pl {args[0]}` failed with exit code {process.returncode}; see {log_file}:\n{tail}")
+        raise error(f"`fmnist-pl {args[0]}` failed (exit code {process.returncode}): {last.strip()} [log: {log_file}]")
+
+
+_one_output_capture = threading.Lock()  # sys.stdout is process-wide: one evaluation captures it at a time
+
+
+@contextlib.contextmanager
+def output_into(log_file: Path) -> Iterator[None]:
+    """Send what an in-process CLI run prints (Lightning's start-up lines, its test table, warnings) to the step's
+    log file alone, not to the console twice (once plain, once through Prefect's root handler)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    saved = [(lg.handlers, lg.propagate) for lg in loggers]
+    with (
+        _one_output_capture,
+        open(log_file, "a") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        handler = logging.StreamHandler(log)
+        for lg in loggers:
+            lg.handlers, lg.propagate = [handler], False
+        try:
+            yield
+        finally:
+            for lg, (handlers, propagate) in zip(loggers, saved, strict=True):
+                lg.handlers, lg.propagate = handlers, propagate
 
 
 def log_into(folder: Path) -> list[str]:
@@ -137,38 +170,86 @@ def download_data(data_dir: str | None, require_official: bool) -> dict:
     }
 
 
+class TrainingQueue:
+    """Trainings in their planned order, at most `slots` at once. The flow's task threads arrive in any order;
+    ticket k starts only after every earlier ticket has started, been found cached, or failed."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots, self.running, self.next, self.passed = slots, 0, 0, set()
+        self.changed = threading.Condition()
+
+    def pass_turn(self, ticket: int) -> None:
+        """Ticket `ticket` needs no slot (its result is cached, or it failed): later tickets may go ahead."""
+        with self.changed:
+            self.passed.add(ticket)
+            while self.next in self.passed:
+                self.next += 1
+            self.changed.notify_all()
+
+    @contextlib.contextmanager
+    def turn(self, ticket: int) -> Iterator[None]:
+        with self.changed:  # a retried ticket (ticket < next) only waits for a free slot
+            self.changed.wait_for(lambda: self.running < self.slots and ticket <= self.next)
+            self.running += 1
+        self.pass_turn(ticket)
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.running -= 1
+                self.changed.notify_all()
+
+
+@functools.cache
+def training_queue(flow_run_id: str, slots: int) -> TrainingQueue:
+    """The queue a flow run's trainings share."""
+    return TrainingQueue(slots)
+
+
 @task(
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=10),
     retry_condition_fn=retry_unless_bad_input,
-    task_run_name="train-{network}",
+    task_run_name="train-{network}-seed{seed}",
 )
 def train_model(
-    network: str, settings: PipelineSettings, data: dict, steps_dir: str, env: dict[str, str] | None = None
-) -> dict:
-    """`fmnist-pl fit` for one network; cached on its inputs, resumed from last.ckpt after an interruption."""
+    network: str, seed: int, settings: PipelineSettings, data: dict, steps_dir: str, threads: int | None = None,
+    slots: int = 1, ticket: int = 0,
+) -> dict:  # fmt: skip
+    """`fmnist-pl fit` for one network and seed; cached on its inputs, resumed from last.ckpt after an interruption."""
+    queue = training_queue(str(flow_run.id), slots)
+    try:
+        return _train(network, seed, settings, data, steps_dir, threads, queue, ticket)
+    finally:
+        queue.pass_turn(ticket)  # whatever happened, later trainings are not held up
+
+
+def _train(network: str, seed: int, settings: PipelineSettings, data: dict, steps_dir: str, threads: int | None,
+           queue: TrainingQueue, ticket: int) -> dict:  # fmt: skip
     logger = get_run_logger()
     config = network_config(settings, network)
-    options = settings.cli_options(data_dir=data["source_dir"])
     # The key holds what decides the result: the options (less the data's folder: its checksums stand in),
-    # the config's text and the code's version. Thread counts and the launcher change how, not what.
-    key = step_key(step="train", network=network, config=config.read_text(), data=data["sha256"], version=__version__,
-                   options=settings.cli_options(data_dir=None))  # fmt: skip
-    work = layout.TrainingFolder(layout.step_folder(Path(steps_dir), "train", network, key))
-    if finished := reuse_finished(work.path, f"{network} training"):
+    # the seed, the config's text and the code's version. Thread counts and the launcher change how, not what.
+    key = step_key(step="train", network=network, seed=seed, config=config.read_text(), data=data["sha256"],
+                   version=__version__, options=settings.cli_options(data_dir=None))  # fmt: skip
+    work = layout.TrainingFolder(layout.step_folder(Path(steps_dir), "train", network, seed, key))
+    if finished := reuse_finished(work.path, f"{network} seed {seed} training"):
         return finished
-    resume = [f"--ckpt_path={work.last_checkpoint}"] if work.last_checkpoint.is_file() else []
-    if resume:
-        logger.info(f"{network}: resuming the interrupted training from {work.last_checkpoint}")
-    started = time.perf_counter()
-    run_cli_subprocess(
-        ["fit", f"--config={config}", *options, *log_into(work.path), "--trainer.enable_progress_bar=false", *resume],
-        work.log,
-        env=env,
-        launcher=settings.train_launcher or "",
-    )  # fmt: skip
+    with queue.turn(ticket):  # wait for a free core, in the planned order
+        resume = [f"--ckpt_path={work.last_checkpoint}"] if work.last_checkpoint.is_file() else []
+        logger.info(f"training{' (resuming)' if resume else ''}{f' on {threads} thread(s)' if threads else ''}; "
+                    f"log: {work.log}")  # fmt: skip
+        started = time.perf_counter()
+        run_cli_subprocess(
+            ["fit", f"--config={config}", *settings.cli_options(data_dir=data["source_dir"]), f"--seed_everything={seed}",
+             *log_into(work.path), "--trainer.enable_progress_bar=false", *resume],
+            work.log,
+            env={"OMP_NUM_THREADS": str(threads)} if threads else None,
+            launcher=settings.train_launcher or "",
+        )  # fmt: skip
     result = {
         "network": network,
+        "seed": seed,
         "dir": str(work.path),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "resumed": bool(resume),
@@ -180,25 +261,29 @@ def train_model(
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=5),
     retry_condition_fn=retry_unless_bad_input,
-    task_run_name="evaluate-{network}",
+    task_run_name="evaluate-{network}-seed{seed}",
 )
-def evaluate_model(network: str, trained: dict, settings: PipelineSettings, data: dict, steps_dir: str) -> dict:
+def evaluate_model(
+    network: str, seed: int, trained: dict, settings: PipelineSettings, data: dict, steps_dir: str
+) -> dict:
     """`fmnist-pl test` on the best checkpoint, and `predict` on the test and training splits (for the report)."""
     config = network_config(settings, network)
     key = step_key(step="evaluate", train=trained["dir"], data=data["sha256"], version=__version__)
-    work = layout.EvaluationFolder(layout.step_folder(Path(steps_dir), "evaluate", network, key))
-    if finished := reuse_finished(work.path, f"{network} evaluation"):
+    work = layout.EvaluationFolder(layout.step_folder(Path(steps_dir), "evaluate", network, seed, key))
+    if finished := reuse_finished(work.path, f"{network} seed {seed} evaluation"):
         return finished
+    get_run_logger().info(f"evaluating; log: {work.log}")
     best = layout.TrainingFolder(Path(trained["dir"])).best_checkpoint
     one_device = settings.cli_options(data_dir=data["source_dir"], devices=1, strategy="auto", num_nodes=1)
-    common = [f"--config={config}", f"--ckpt_path={best}", *one_device,
+    common = [f"--config={config}", f"--ckpt_path={best}", *one_device, f"--seed_everything={seed}",
               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
     started = time.perf_counter()
     # In this process (one device, so no DDP launcher is involved): saves three interpreter start-ups.
-    run_cli(["test", *common, *log_into(work.test)])
-    for split in ("test", "train"):
-        run_cli(["predict", *common, f"--data.predict_split={split}", *log_into(work.predict(split))])
-    result = {"network": network, "dir": str(work.path), "train_dir": trained["dir"],
+    with output_into(work.log):
+        run_cli(["test", *common, *log_into(work.test)])
+        for split in ("test", "train"):
+            run_cli(["predict", *common, f"--data.predict_split={split}", *log_into(work.predict(split))])
+    result = {"network": network, "seed": seed, "dir": str(work.path), "train_dir": trained["dir"],
               "wall_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
     return mark_finished(work.path, result)
 
@@ -234,7 +319,22 @@ def training_cost(settings: PipelineSettings, network: str) -> float:
     return forward_flops(NETWORKS[network]()) * epochs
 
 
-def cpu_thread_shares(costs: dict[str, float], cores: int) -> dict[str, int]:
+def training_plan(costs: dict[str, float], seeds: list[int], cores: int) -> tuple[int, dict[tuple[str, int], int]]:
+    """(trainings at once, threads per (network, seed)) for trainings that share `cores` CPU cores.
+
+    All at once when there are no more trainings than cores. Otherwise one seed's networks side by side (as many
+    at once as there are cores, or networks if more), threads split by cost within them, seeds in turn.
+    """
+    trainings = [(network, seed) for seed in seeds for network in costs]
+    if len(trainings) <= cores:
+        return len(trainings), cpu_thread_shares({t: costs[t[0]] for t in trainings}, cores)
+    slots = max(cores, len(costs))
+    wave = cpu_thread_shares({t: costs[t[0]] for t in trainings[:slots]}, cores)
+    per_network = {network: min(n for (m, _), n in wave.items() if m == network) for network in costs}
+    return slots, {(network, seed): per_network[network] for network, seed in trainings}
+
+
+def cpu_thread_shares(costs: dict, cores: int) -> dict:
     """Threads per training when trainings share `cores`: one each, and the cores left over in proportion to cost,
     so that the costliest training does not end up alone on one core while the others sit idle."""
     total, spare = sum(costs.values()), cores - len(costs)
@@ -290,6 +390,7 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
         "run_dir": str(run.path),
         "status": "running",
         "networks": networks,
+        "seeds": settings.seeds,
         "settings": settings.model_dump(),
         "configs": {network: str(config) for network, config in configs.items()},
         "steps": {},
@@ -311,19 +412,22 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
         return result
 
     data = finish("download", download_data.submit(settings.data_dir, settings.require_official))
-    env: dict[str, dict | None] = dict.fromkeys(networks)
-    if on_cpu(settings.accelerator) and len(networks) > 1 and settings.devices in ("auto", "1"):
-        # Independent trainings side by side on CPU: each gets its share of the cores rather than all of them
-        # oversubscribing every core.
-        threads = cpu_thread_shares({n: training_cost(settings, n) for n in networks}, os.cpu_count() or 1)
-        env = {n: {"OMP_NUM_THREADS": str(threads[n])} for n in networks}
-    trainings = {n: train_model.submit(n, settings, data, steps_dir, env[n]) for n in networks}
-    evaluations = {n: evaluate_model.submit(n, trainings[n], settings, data, steps_dir) for n in networks}
-    trained = {n: finish(f"train-{n}", trainings[n]) for n in networks}
-    evaluated = {n: finish(f"evaluate-{n}", evaluations[n]) for n in networks}
-    for network in networks:  # the run folder shows each network's step folders, which stay shared and cached
-        link(run.training(network).path, Path(trained[network]["dir"]))
-        link(run.evaluation(network).path, Path(evaluated[network]["dir"]))
+    # Costliest network first within each seed: the longest training starts first and sets the pace.
+    costs = dict(sorted(((n, training_cost(settings, n)) for n in networks), key=lambda item: -item[1]))
+    slots, threads = len(networks) * len(settings.seeds), {}
+    if on_cpu(settings.accelerator) and settings.devices in ("auto", "1"):
+        # Independent trainings on CPU: each its share of the cores, rather than all of them oversubscribing
+        # every core, and no more at once than the cores can take.
+        slots, threads = training_plan(costs, settings.seeds, os.cpu_count() or 1)
+    runs = [(network, seed) for seed in settings.seeds for network in costs]
+    trainings = {(n, s): train_model.submit(n, s, settings, data, steps_dir, threads.get((n, s)), slots, ticket)
+                 for ticket, (n, s) in enumerate(runs)}  # fmt: skip
+    evaluations = {(n, s): evaluate_model.submit(n, s, trainings[n, s], settings, data, steps_dir) for n, s in runs}
+    trained = {(n, s): finish(layout.step_name("train", n, s), trainings[n, s]) for n, s in runs}
+    evaluated = {(n, s): finish(layout.step_name("evaluate", n, s), evaluations[n, s]) for n, s in runs}
+    for network, seed in runs:  # the run folder shows each training's step folders, which stay shared and cached
+        link(run.training(network, seed).path, Path(trained[network, seed]["dir"]))
+        link(run.evaluation(network, seed).path, Path(evaluated[network, seed]["dir"]))
     finish("report", write_report.submit(str(run.path)))
     record.update(status="completed", finished=datetime.now().isoformat())
     write_text_atomic(run.record, json.dumps(record, indent=2) + "\n")
@@ -378,10 +482,26 @@ def main(argv: list[str] | None = None) -> None:
             full_pipeline.serve(name=args.name, cron=args.cron, parameters={"settings": settings.model_dump()})
             return
         try:
-            full_pipeline(settings)
+            run_dir = Path(full_pipeline(settings))
         except Exception as e:  # Prefect has logged the traceback; end with the one line that matters
             print(f"fmnist-pl pipeline failed: {type(e).__name__}: {e}", file=sys.stderr)
             sys.exit(1)
+    print(results_table(json.loads(layout.RunFolder(run_dir).summary.read_text())))
+    print(f"report: {layout.RunFolder(run_dir).report('.html')}")
+
+
+def results_table(summary: dict) -> str:
+    """The console's closing table: per network, its seeds, test accuracy and training time."""
+    rows = [("network", "seeds", "test accuracy (mean ± sd, min-max)", "training time (mean)")]
+    for network, r in summary["networks"].items():
+        accuracy = r["test_accuracy"]
+        std = f" ± {accuracy['std'] * 100:.2f}" if accuracy["std"] is not None else ""
+        rows.append((network, ",".join(map(str, summary["seeds"])),
+                     f"{accuracy['mean']:.2%}{std} ({accuracy['min']:.2%}-{accuracy['max']:.2%})",
+                     f"{r['training_wall_seconds']['mean']:.0f} s"))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from fmnist_pl.data import CLASS_NAMES
 from fmnist_pl.io import atomic_write, write_text_atomic
 from fmnist_pl.networks import count_trainable_parameters
 
+EPOCH_LINE_PREFIX = "["  # "[network] epoch k/n: ...": the one line per epoch a pipeline shows on its console
+
 
 def run_dir(trainer: L.Trainer) -> Path | None:
     """The run's folder. Call on every rank: under DDP `trainer.log_dir` is a broadcast, a collective."""
@@ -66,7 +68,7 @@ class EpochHistory(Callback):
             pd.DataFrame(self.rows).to_csv(tmp, index=False)
         row = self.rows[-1]
         print(
-            f"[{pl_module.hparams.network}] epoch {row['epoch'] + 1}/{trainer.max_epochs}: "
+            f"{EPOCH_LINE_PREFIX}{pl_module.hparams.network}] epoch {row['epoch'] + 1}/{trainer.max_epochs}: "
             f"train loss {row['train/loss']:.4f} acc {row['train/acc']:.4f} | "
             f"val loss {row['val/loss']:.4f} acc {row['val/acc']:.4f} | {row['epoch_seconds']:.1f} s",
             flush=True,

@@ -1,8 +1,8 @@
 """The run layout: every folder and file that the CLI, the pipeline and the report share, named in one place.
 
 outputs/<run id>/run.json, report.md, report.html, summary.json, figures/, tables/
-outputs/<run id>/<network>/train    -> ../../steps/train-<network>-<key>/     (a TrainingFolder)
-outputs/<run id>/<network>/evaluate -> ../../steps/evaluate-<network>-<key>/  (an EvaluationFolder)
+outputs/<run id>/<network>/seed-<seed>/train    -> ../../../steps/train-<network>-seed<seed>-<key>/    (a TrainingFolder)
+outputs/<run id>/<network>/seed-<seed>/evaluate -> ../../../steps/evaluate-<network>-seed<seed>-<key>/ (an EvaluationFolder)
 outputs/latest -> <run id>
 """
 
@@ -72,6 +72,10 @@ class EvaluationFolder:
     def predictions(self, split: str) -> Path:
         return self.predict(split) / PREDICTIONS
 
+    @property
+    def log(self) -> Path:
+        return self.path / "evaluate.log"
+
 
 @dataclass(frozen=True)
 class RunFolder:
@@ -99,16 +103,21 @@ class RunFolder:
     def summary(self) -> Path:
         return self.path / "summary.json"
 
-    def training(self, network: str) -> TrainingFolder:
-        return TrainingFolder(self.path / network / "train")
+    def training(self, network: str, seed: int) -> TrainingFolder:
+        return TrainingFolder(self.path / network / f"seed-{seed}" / "train")
 
-    def evaluation(self, network: str) -> EvaluationFolder:
-        return EvaluationFolder(self.path / network / "evaluate")
+    def evaluation(self, network: str, seed: int) -> EvaluationFolder:
+        return EvaluationFolder(self.path / network / f"seed-{seed}" / "evaluate")
 
 
-def step_folder(steps_dir: Path, step: str, network: str, key: str) -> Path:
-    """A cached step's folder: <steps dir>/<step>-<network>-<key>."""
-    return steps_dir / f"{step}-{network}-{key}"
+def step_name(step: str, network: str, seed: int) -> str:
+    """A step's name in run.json and the Prefect UI: `train-cnn-seed0`."""
+    return f"{step}-{network}-seed{seed}"
+
+
+def step_folder(steps_dir: Path, step: str, network: str, seed: int, key: str) -> Path:
+    """A cached step's folder: <steps dir>/<step>-<network>-seed<seed>-<key>."""
+    return steps_dir / f"{step_name(step, network, seed)}-{key}"
 
 
 STEPS_DIR = "steps"

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fmnist_pl.networks import NETWORKS
 
@@ -63,12 +63,28 @@ class PipelineSettings(BaseModel):
     num_nodes: int = Field(1, ge=1, description="nodes for multi-node DDP (default 1)", **cli("--trainer.num_nodes"))
     train_launcher: str | None = Field(None, description="command that starts training once per task, e.g. 'srun' "
                                        "in a SLURM allocation for --num-nodes > 1")  # fmt: skip
-    seed: int = Field(0, description="seed for all randomness (default 0)", **cli("--seed_everything"))
+    seeds: list[int] = Field([0], min_length=1, description="train and evaluate every network once per seed, e.g. "
+                             "0 1 2 (default 0); the report compares networks over all seeds")  # fmt: skip
     data_dir: str | None = Field(None, description="folder with the Fashion-MNIST IDX files (default: "
                                  "$FMNIST_DATA_DIR, a local copy, or the official download)", **cli("--data.data_dir"))  # fmt: skip
     output_dir: str = Field("outputs", description="where runs and cached steps go (default outputs)")
     require_official: bool = Field(True, description="check the files against the official release (off: your own "
                                    "or test data)", **cli("--data.require_official"))  # fmt: skip
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"each seed once, got {seeds}")
+        return seeds
+
+    @field_validator("devices")
+    @classmethod
+    def _some_devices(cls, devices: str) -> str:
+        # Lightning reads "0" as "no devices" and fails deep inside the trainer; say so before anything starts.
+        if devices.strip() in ("0", "-0", "[]", ""):
+            raise ValueError("needs at least one device: a count (1, 2, ...), a list of ids (0,1) or auto")
+        return devices
 
     def networks(self) -> list[str]:
         """The networks this run trains: those asked for, else every one the profile has a config for."""

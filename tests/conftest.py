@@ -94,9 +94,10 @@ def pipeline(prefect_api: str):
     return module
 
 
-def write_fake_run(root: Path, accuracies: dict[str, float]) -> Path:
-    """A finished pipeline run folder made of files alone (no training): each network's history, test metrics,
-    confusion matrix and predictions, laid out as the pipeline lays them out. Returns the run folder."""
+def write_fake_run(root: Path, accuracies: dict[str, float], seeds: tuple[int, ...] = (0,)) -> Path:
+    """A finished pipeline run folder made of files alone (no training): each network's and seed's history, test
+    metrics, confusion matrix and predictions, laid out as the pipeline lays them out. A network classifies each
+    image right with probability `accuracies[network]` (a different draw per seed). Returns the run folder."""
     import json
     import os
 
@@ -113,40 +114,44 @@ def write_fake_run(root: Path, accuracies: dict[str, float]) -> Path:
     rng = np.random.default_rng(0)
     steps: dict = {"download": {"source_dir": str(data), "sha256": {"fake": "0" * 64}, "wall_seconds": 0.1}}
     for i, (network, accuracy) in enumerate(accuracies.items()):
-        training = layout.TrainingFolder(root / "outputs" / "steps" / f"train-{network}-key")
-        evaluation = layout.EvaluationFolder(root / "outputs" / "steps" / f"evaluate-{network}-key")
-        training.path.mkdir(parents=True)
-        pd.DataFrame({"epoch": [0, 1], "train/loss": [1.0, 0.5], "train/acc": [0.6, 0.8], "val/loss": [0.9, 0.6],
-                      "val/acc": [0.7, accuracy], "lr": [1e-3, 1e-4], "epoch_seconds": [2.0, 2.0]}).to_csv(
-            training.history, index=False)  # fmt: skip
-        for split, labels in (("test", test_labels), ("train", train_labels[100:])):
-            predicted = np.where(rng.random(len(labels)) < accuracy, labels, (labels + 1) % 10)
-            frame = pd.DataFrame({"label": labels, "predicted": predicted, "confidence": 0.9})
-            for k, name in enumerate(CLASS_NAMES):
-                frame[f"p_{name}"] = (predicted == k).astype(float)
-            frame.index.name = "index"
-            evaluation.predict(split).mkdir(parents=True)
-            frame.to_csv(evaluation.predictions(split))
-            if split == "test":
-                evaluation.test.mkdir(parents=True)
-                matrix = np.zeros((10, 10), dtype=int)
-                np.add.at(matrix, (labels, predicted), 1)
-                pd.DataFrame(matrix, CLASS_NAMES, CLASS_NAMES).to_csv(evaluation.confusion_test)
-                metrics = {"network": network, "accuracy": np.trace(matrix) / len(labels), "loss": 0.5,
-                           "images": len(labels), "test_time_flip": network == "bn_cnn",
-                           "accuracy_without_flip": np.trace(matrix) / len(labels) - 0.01 * (network == "bn_cnn"),
-                           "trainable_parameters": 1000 * (i + 1), "flops_per_image": 10**6 * (i + 1),
-                           "test_images_per_second": 5000}  # fmt: skip
-                evaluation.test_metrics.write_text(json.dumps(metrics))
-        steps[f"train-{network}"] = {"dir": str(training.path), "wall_seconds": 10.0 * (i + 1)}
-        steps[f"evaluate-{network}"] = {"dir": str(evaluation.path), "wall_seconds": 1.0}
-        for link, target in (
-            (run.training(network).path, training.path),
-            (run.evaluation(network).path, evaluation.path),
-        ):
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(os.path.relpath(target, link.parent))
-    record = {"run_dir": str(run.path), "status": "completed", "networks": list(accuracies), "steps": steps,
-              "settings": {"require_official": False}, "configs": {}}  # fmt: skip
+        for seed in seeds:
+            training = layout.TrainingFolder(root / "outputs" / "steps" / f"train-{network}-seed{seed}-key")
+            evaluation = layout.EvaluationFolder(root / "outputs" / "steps" / f"evaluate-{network}-seed{seed}-key")
+            training.path.mkdir(parents=True)
+            pd.DataFrame({"epoch": [0, 1], "train/loss": [1.0, 0.5], "train/acc": [0.6, 0.8], "val/loss": [0.9, 0.6],
+                          "val/acc": [0.7, accuracy], "lr": [1e-3, 1e-4], "epoch_seconds": [2.0, 2.0]}).to_csv(
+                training.history, index=False)  # fmt: skip
+            for split, labels in (("test", test_labels), ("train", train_labels[100:])):
+                predicted = np.where(rng.random(len(labels)) < accuracy, labels, (labels + 1) % 10)
+                frame = pd.DataFrame({"label": labels, "predicted": predicted, "confidence": 0.9})
+                for k, name in enumerate(CLASS_NAMES):
+                    frame[f"p_{name}"] = (predicted == k).astype(float)
+                frame.index.name = "index"
+                evaluation.predict(split).mkdir(parents=True)
+                frame.to_csv(evaluation.predictions(split))
+                if split == "test":
+                    evaluation.test.mkdir(parents=True)
+                    matrix = np.zeros((10, 10), dtype=int)
+                    np.add.at(matrix, (labels, predicted), 1)
+                    pd.DataFrame(matrix, CLASS_NAMES, CLASS_NAMES).to_csv(evaluation.confusion_test)
+                    metrics = {"network": network, "accuracy": np.trace(matrix) / len(labels), "loss": 0.5,
+                               "images": len(labels), "test_time_flip": network == "bn_cnn",
+                               "accuracy_without_flip": np.trace(matrix) / len(labels) - 0.01 * (network == "bn_cnn"),
+                               "trainable_parameters": 1000 * (i + 1), "flops_per_image": 10**6 * (i + 1),
+                               "test_images_per_second": 5000}  # fmt: skip
+                    evaluation.test_metrics.write_text(json.dumps(metrics))
+            steps[layout.step_name("train", network, seed)] = {
+                "dir": str(training.path),
+                "wall_seconds": 10.0 * (i + 1),
+            }
+            steps[layout.step_name("evaluate", network, seed)] = {"dir": str(evaluation.path), "wall_seconds": 1.0}
+            for link, target in (
+                (run.training(network, seed).path, training.path),
+                (run.evaluation(network, seed).path, evaluation.path),
+            ):
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(os.path.relpath(target, link.parent))
+    record = {"run_dir": str(run.path), "status": "completed", "networks": list(accuracies), "seeds": list(seeds),
+              "steps": steps, "settings": {"require_official": False}, "configs": {}}  # fmt: skip
     run.record.write_text(json.dumps(record))
     return run.path

@@ -31,21 +31,30 @@ def cli_flow_args(data: Path, out: Path, *extra: str) -> list[str]:
             "--accelerator", "cpu", "--output-dir", str(out), *extra]  # fmt: skip
 
 
-def test_whole_flow_writes_a_run_folder_report_and_artifacts_then_reuses_finished_steps(
+def test_whole_flow_trains_every_network_per_seed_writes_the_report_and_artifacts_then_reuses_every_step(
     pipeline, tiny_data: Path, tmp_path: Path
 ) -> None:
-    run_dir = Path(pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path)))
+    run_dir = Path(pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path, seeds=[0, 1])))
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["status"] == "completed"
+    assert record["status"] == "completed" and record["seeds"] == [0, 1]
     assert record["networks"] == list(NETWORKS)  # the default: every registered network
     assert (tmp_path / "latest").resolve() == run_dir.resolve()
     report = (run_dir / "report.md").read_text()
     assert [line for line in report.splitlines() if line.startswith("## ")][1:4] == [f"## {n}" for n in NETWORKS]
+    trainings = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "steps").glob("train-*"))
+    assert trainings == sorted(f"train-{n}-seed{s}" for n in NETWORKS for s in (0, 1))  # one step per network × seed
     for network in NETWORKS:
-        metrics = json.loads((run_dir / network / "evaluate" / "test" / "test_metrics.json").read_text())
-        assert f"{metrics['accuracy']:.2%}" in report  # numbers come from the metrics files
-        assert (run_dir / network / "train" / "checkpoints" / "best.ckpt").is_file()
-        assert not record["steps"][f"train-{network}"]["cached"]
+        for seed in (0, 1):
+            metrics = json.loads(
+                (run_dir / network / f"seed-{seed}" / "evaluate" / "test" / "test_metrics.json").read_text()
+            )
+            assert f"{metrics['accuracy']:.2%}" in report  # numbers come from the metrics files
+            assert (run_dir / network / f"seed-{seed}" / "train" / "checkpoints" / "best.ckpt").is_file()
+            assert not record["steps"][f"train-{network}-seed{seed}"]["cached"]
+    seeds_differ = [
+        pd.read_csv(run_dir / "cnn" / f"seed-{s}" / "train" / "history.csv")["train/loss"].tolist() for s in (0, 1)
+    ]
+    assert seeds_differ[0] != seeds_differ[1]  # each seed its own training, not a copy
 
     from prefect.client.orchestration import get_client
 
@@ -55,12 +64,14 @@ def test_whole_flow_writes_a_run_folder_report_and_artifacts_then_reuses_finishe
     assert "data:image/png;base64," in artifacts["fmnist-report"].data  # figures the UI can show
     assert "](figures/" not in artifacts["fmnist-report"].data
 
-    checkpoint = run_dir / "cnn" / "train" / "checkpoints" / "best.ckpt"
+    checkpoint = run_dir / "cnn" / "seed-1" / "train" / "checkpoints" / "best.ckpt"
     written = checkpoint.stat().st_mtime_ns
-    again = Path(pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path)))
+    again = Path(pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path, seeds=[0, 1])))
     assert again != run_dir and (run_dir / "report.md").read_text() == report  # the earlier run is untouched
     steps = json.loads((again / "run.json").read_text())["steps"]
-    assert all(steps[f"{kind}-{n}"]["cached"] for kind in ("train", "evaluate") for n in NETWORKS)
+    assert all(
+        steps[f"{kind}-{n}-seed{s}"]["cached"] for kind in ("train", "evaluate") for n in NETWORKS for s in (0, 1)
+    )
     assert checkpoint.stat().st_mtime_ns == written
     assert (tmp_path / "latest").resolve() == again.resolve()
 
@@ -88,9 +99,9 @@ def test_failed_step_is_recorded_with_its_reason(pipeline, tiny_data: Path, tmp_
     with pytest.raises(Exception, match="fit"):
         pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path, models=["cnn"], val_size=5000))
     record = json.loads((tmp_path / "latest" / "run.json").read_text())
-    assert record["status"] == "failed" and record["failed_step"] == "train-cnn"
+    assert record["status"] == "failed" and record["failed_step"] == "train-cnn-seed0"
     assert "exit code 2" in record["error"]
-    log = next((tmp_path / "steps").glob("train-cnn-*/train.log")).read_text()
+    log = next((tmp_path / "steps").glob("train-cnn-seed0-*/train.log")).read_text()
     assert log.count("$ ") == 1  # a rejected option is not retried
     assert "val_size=5000 leaves no training images" in log
 
@@ -106,7 +117,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(
     history = None
     while time.monotonic() < deadline and process.poll() is None:
         history = (
-            next((tmp_path / "steps").glob("train-dense-*/history.csv"), None)
+            next((tmp_path / "steps").glob("train-dense-seed0-*/history.csv"), None)
             if (tmp_path / "steps").exists()
             else None
         )
@@ -120,15 +131,15 @@ def test_killed_training_resumes_from_its_last_checkpoint(
     assert finished_before_kill < epochs, "training finished before it could be killed"
 
     run_dir = Path(pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path, models=["dense"], epochs=epochs)))
-    train = json.loads((run_dir / "run.json").read_text())["steps"]["train-dense"]
+    train = json.loads((run_dir / "run.json").read_text())["steps"]["train-dense-seed0"]
     assert train["resumed"] is True
-    resumed = pd.read_csv(run_dir / "dense" / "train" / "history.csv")
+    resumed = pd.read_csv(run_dir / "dense" / "seed-0" / "train" / "history.csv")
     assert list(resumed["epoch"]) == list(range(epochs))  # every finished epoch kept, none trained twice
-    log = (run_dir / "dense" / "train" / "train.log").read_text()
+    log = (run_dir / "dense" / "seed-0" / "train" / "train.log").read_text()
     assert "--ckpt_path=" in log and "epoch 1/30" not in log.split("--ckpt_path=")[-1]
 
 
-def test_fresh_home_no_server_two_ddp_processes_and_no_traceback(tiny_data: Path, tmp_path: Path) -> None:
+def test_fresh_home_no_server_two_ddp_processes_quiet_console_and_no_traceback(tiny_data: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -152,12 +163,20 @@ def test_fresh_home_no_server_two_ddp_processes_and_no_traceback(tiny_data: Path
     assert result.returncode == 0, output[-4000:]
     assert "Traceback" not in output and "database is locked" not in output
     assert "epoch 1/1" in output  # the user sees training progress
+    # A quiet console: no model summary, no Lightning start-up lines, no test table, nothing twice.
+    lines = [line.split(" | ")[-1] for line in output.splitlines() if line.strip()]
+    assert len(lines) <= 25, output
+    assert len(set(lines)) == len(lines), output
+    assert not any(word in output for word in ("Trainable params", "GPU available", "Test metric", "exists and is"))
+    header = next(i for i, line in enumerate(lines) if "test accuracy (mean" in line)  # the closing results table
+    assert lines[header + 1].startswith("cnn ") and lines[header + 2].startswith("report: ")
     run_dir = tmp_path / "out" / "latest"
-    train_log = (run_dir / "cnn" / "train" / "train.log").read_text()
+    train_log = (run_dir / "cnn" / "seed-0" / "train" / "train.log").read_text()
     assert "Starting with 2 processes" in train_log or "MEMBER: 2/2" in train_log
     assert "$ env FMNIST_LAUNCHED=1 " in train_log
-    metrics = json.loads((run_dir / "cnn" / "evaluate" / "test" / "test_metrics.json").read_text())
+    metrics = json.loads((run_dir / "cnn" / "seed-0" / "evaluate" / "test" / "test_metrics.json").read_text())
     assert metrics["images"] == 101
+    assert "Test metric" in (run_dir / "cnn" / "seed-0" / "evaluate" / "evaluate.log").read_text()  # in the step's log
 
 
 def test_serve_registers_a_scheduled_deployment_that_runs(prefect_api: str, tiny_data: Path, tmp_path: Path) -> None:

@@ -48,11 +48,16 @@ def test_flow_command_line_builds_the_settings(flow_module) -> None:  # noqa: AN
 
 
 def test_settings_become_the_cli_options_of_each_step() -> None:
-    settings = PipelineSettings(epochs=3, seed=7, require_official=False, data_dir="/data")
+    settings = PipelineSettings(epochs=3, seeds=[7, 8], require_official=False, data_dir="/data")
     assert settings.cli_options() == [
-        "--trainer.max_epochs=3", "--trainer.accelerator=auto", "--trainer.devices=auto", "--trainer.strategy=auto",
-        "--trainer.num_nodes=1", "--seed_everything=7", "--data.data_dir=/data", "--data.require_official=false",
-    ]  # fmt: skip
+        "--trainer.max_epochs=3",
+        "--trainer.accelerator=auto",
+        "--trainer.devices=auto",
+        "--trainer.strategy=auto",
+        "--trainer.num_nodes=1",
+        "--data.data_dir=/data",
+        "--data.require_official=false",
+    ]  # fmt: skip  (each step adds its own --seed_everything)
     assert "--trainer.devices=1" in settings.cli_options(devices=1)
     assert not any(o.startswith("--data.data_dir") for o in settings.cli_options(data_dir=None))
 
@@ -66,7 +71,17 @@ def test_default_networks_are_those_the_profile_has_configs_for() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"models": ["resnet"]}, {"profile": "slow"}, {"epochs": 0}, {"batch_size": -1}, {"epochs_typo": 3}]
+    "bad",
+    [
+        {"models": ["resnet"]},
+        {"profile": "slow"},
+        {"epochs": 0},
+        {"batch_size": -1},
+        {"epochs_typo": 3},
+        {"seeds": []},
+        {"seeds": [1, 1]},
+        {"devices": "0"},
+    ],  # fmt: skip
 )
 def test_bad_settings_are_rejected_before_any_work(bad: dict) -> None:
     with pytest.raises(pydantic.ValidationError):
@@ -92,14 +107,13 @@ def test_step_keys_change_with_what_decides_the_result_only(flow_module) -> None
 def test_run_layout_names_every_file_once(tmp_path: Path) -> None:
     run = layout.RunFolder(tmp_path / "run")
     assert run.record == tmp_path / "run" / "run.json"
-    assert run.training("cnn").best_checkpoint == tmp_path / "run" / "cnn" / "train" / "checkpoints" / "best.ckpt"
-    evaluation = run.evaluation("cnn")
-    assert evaluation.test_metrics == tmp_path / "run" / "cnn" / "evaluate" / "test" / "test_metrics.json"
+    seed = tmp_path / "run" / "cnn" / "seed-1"
+    assert run.training("cnn", 1).best_checkpoint == seed / "train" / "checkpoints" / "best.ckpt"
+    evaluation = run.evaluation("cnn", 1)
+    assert evaluation.test_metrics == seed / "evaluate" / "test" / "test_metrics.json"
     assert evaluation.confusion_test.name == "confusion_matrix_test.csv"
-    assert (
-        evaluation.predictions("train") == tmp_path / "run" / "cnn" / "evaluate" / "predict_train" / "predictions.csv"
-    )
-    assert layout.step_folder(tmp_path, "train", "cnn", "abc") == tmp_path / "train-cnn-abc"
+    assert evaluation.predictions("train") == seed / "evaluate" / "predict_train" / "predictions.csv"
+    assert layout.step_folder(tmp_path, "train", "cnn", 1, "abc") == tmp_path / "train-cnn-seed1-abc"
 
 
 def test_importing_the_package_changes_nothing_global() -> None:
@@ -134,10 +148,57 @@ def test_cpu_threads_follow_training_cost_and_use_every_core(flow_module) -> Non
     )
 
 
+def test_trainings_at_once_never_exceed_the_cores_or_one_seeds_networks(flow_module) -> None:  # noqa: ANN001
+    plan = flow_module.training_plan
+    costs = {"bn_cnn": 11e12, "dense": 1.2e12, "cnn": 0.5e12}  # costliest first, as the flow orders them
+    slots, threads = plan(costs, [0], 2)
+    assert slots == 3 and threads == {("bn_cnn", 0): 2, ("dense", 0): 1, ("cnn", 0): 1}  # one seed: as before
+    slots, threads = plan(costs, [0, 1, 2], 2)
+    assert slots == 3 and set(threads) == {(n, s) for n in costs for s in (0, 1, 2)}
+    assert all(threads[n, s] == threads[n, 0] for n, s in threads)  # every seed of a network alike
+    slots, threads = plan({"bn_cnn": 11e12}, [0, 1, 2], 2)
+    assert slots == 2 and set(threads.values()) == {1}  # two at once on two cores, one thread each
+    slots, threads = plan(costs, [0, 1, 2], 16)
+    assert slots == 9 and sum(threads.values()) == 16  # all at once when the cores allow
+
+
+def test_training_queue_starts_trainings_in_ticket_order_and_never_more_than_the_slots(flow_module) -> None:  # noqa: ANN001
+    import threading
+    import time
+
+    queue, started, running, most = flow_module.TrainingQueue(2), [], [0], [0]
+    lock = threading.Lock()
+
+    def train(ticket: int, cached: bool = False) -> None:
+        try:
+            if cached:
+                return
+            with queue.turn(ticket):
+                with lock:
+                    started.append(ticket)
+                    running[0] += 1
+                    most[0] = max(most[0], running[0])
+                time.sleep(0.02)
+                with lock:
+                    running[0] -= 1
+        finally:
+            queue.pass_turn(ticket)
+
+    threads = [threading.Thread(target=train, args=(t, t == 2)) for t in (5, 4, 3, 2, 1, 0)]  # arrive in reverse
+    for thread in threads:
+        thread.start()
+        time.sleep(0.005)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert started == [0, 1, 3, 4, 5] and most[0] == 2  # ticket 2 was cached: it held nobody up
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--epochs", "0"], "--epochs: Input should be greater than or equal to 1"),
+        (["--seeds", "1", "1"], "--seeds: Value error, each seed once"),
+        (["--devices", "0"], "--devices: Value error, needs at least one device"),
         (["--profile", "reference", "--models", "bn_cnn"], "profile 'reference' has no config for network 'bn_cnn'"),
     ],
 )
