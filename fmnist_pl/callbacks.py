@@ -169,6 +169,7 @@ class PredictionsWriter(BasePredictionWriter):
         frame = pd.DataFrame(
             {"label": columns["label"], "predicted": columns["predicted"], "confidence": columns["confidence"]}
         )
+        frame.insert(0, "predicted_class", [CLASS_NAMES[k] for k in frame["predicted"]])
         for i, name in enumerate(CLASS_NAMES):
             frame[f"p_{name}"] = columns["probabilities"][:, i]
         # Each rank classified a contiguous shard; shards in rank order are the input order.
@@ -178,9 +179,13 @@ class PredictionsWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             shards = [directory / f".predictions.rank{r}.csv" for r in range(trainer.world_size)]
             merged = pd.concat([pd.read_csv(s) for s in shards], ignore_index=True)
-            merged.index.name = "index"
+            merged.index.name = "index"  # the image's position in the input: its IDX index, or its file in name order
+            names = getattr(trainer.datamodule, "predict_names", None)
+            if names is not None:
+                merged.insert(0, "file", names)
             with atomic_write(directory / layout.PREDICTIONS) as tmp:
                 merged.to_csv(tmp)
             for s in shards:
                 s.unlink()
+            print(f"predictions of {len(merged):,} images written to {directory / layout.PREDICTIONS}")
         trainer.strategy.barrier()

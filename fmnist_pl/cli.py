@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import threading
 import warnings
 from pathlib import Path
 
+from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fmnist_pl.callbacks import EpochHistory, EvaluationFiles, LastCheckpoint, PredictionsWriter
 from fmnist_pl.data import FashionMNISTDataModule
 from fmnist_pl.errors import ConfigError, FmnistError
-from fmnist_pl.module import FashionMNISTClassifier
+from fmnist_pl.module import FashionMNISTClassifier, read_checkpoint
 from fmnist_pl.settings import packaged_configs
 
 CKPT_KEYWORDS = {"best", "last", "hpc", "registry"}  # ckpt_path values Lightning resolves itself
+# Errors a user fixes (an option, a file, the machine), never a bug: one line, exit code 2, no retry.
+USER_ERRORS = (FmnistError, MisconfigurationException, ArgumentError)
 
 
 def quiet_known_warnings() -> None:
@@ -96,10 +101,42 @@ class FashionMNISTCLI(LightningCLI):
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
+        self.command_line = list(sys.argv[1:] if args is None else args)  # what the user typed, for the checks below
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning replaces the model's options with the checkpoint's hyper-parameters here, without a word when
+        # they disagree and with a traceback when the file is damaged. Check the file first.
+        config = self.config.get(self.config.get("subcommand") or "", {})
+        ckpt_path = config.get("ckpt_path") if config else None
+        if ckpt_path and ckpt_path not in CKPT_KEYWORDS:
+            if not Path(ckpt_path).is_file():
+                raise ConfigError(
+                    f"checkpoint {ckpt_path} does not exist; pass a .ckpt file written by `fmnist-pl fit`"
+                )
+            checkpoint = read_checkpoint(ckpt_path)
+            asked = config["model"]["network"]
+            # A network named by a config file or an option other than the default must match the checkpoint's.
+            default = inspect.signature(FashionMNISTClassifier).parameters["network"].default
+            named = (bool(config.get("config")) or asked != default
+                     or any(a.startswith("--model.network") for a in self.command_line))  # fmt: skip
+            if named and asked != checkpoint["hyper_parameters"]["network"]:
+                raise ConfigError(
+                    f"checkpoint {ckpt_path} holds a {checkpoint['hyper_parameters']['network']!r} network, not "
+                    f"{asked!r}; pass that network's config, or a checkpoint of {asked!r}"
+                )
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if ckpt_path and ckpt_path not in CKPT_KEYWORDS and not Path(ckpt_path).is_file():
-            raise ConfigError(f"checkpoint {ckpt_path} does not exist; pass a .ckpt file written by `fmnist-pl fit`")
+        config = self.config[self.subcommand]
+        if self.subcommand == "fit":
+            epochs, steps = config["trainer"].get("max_epochs"), config["trainer"].get("max_steps") or -1
+            if epochs is not None and epochs == 0 or (epochs is not None and epochs < -1):
+                raise ConfigError(f"trainer.max_epochs must be ≥ 1 (or -1 for no limit), got {epochs}")
+            if config["model"].get("lr_schedule") == "one_cycle" and epochs in (None, -1) and steps == -1:
+                raise ConfigError("the one_cycle schedule needs a finite length: set --trainer.max_epochs "
+                                  "(or --trainer.max_steps)")  # fmt: skip
 
 
 _one_cli_at_a_time = threading.Lock()  # a LightningCLI run sets process-wide seeds and warning filters
@@ -128,6 +165,7 @@ def _run_cli(argv: list[str] | None) -> None:
             "callbacks": [LastCheckpoint()],  # listed here, so that `--trainer.callbacks` can replace it
         },
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},  # argument errors reach main(), which prints them in one line
         auto_configure_optimizers=False,
     )
 
@@ -143,6 +181,14 @@ def main(argv: list[str] | None = None) -> None:
             report_main(args[1:])
         else:
             run_cli(argv)
-    except FmnistError as e:
+    except (FmnistError, MisconfigurationException) as e:  # a bad option, file or machine: one line, no traceback
         print(f"fmnist-pl: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ArgumentError as e:  # the line that matters first, then where to look; not 80 lines of usage
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        details = [next((line.lstrip("- ") for line in lines if line.startswith(start)), "")
+                   for start in ("- Expected", "Given value:")]  # fmt: skip
+        print(f"fmnist-pl: error: {' '.join(filter(None, (lines[0] if lines else '', *details)))}", file=sys.stderr)
+        command = args[0] if args and not args[0].startswith("-") else "<command>"
+        print(f"(`fmnist-pl {command} --help` lists every option)", file=sys.stderr)
         raise SystemExit(2) from None

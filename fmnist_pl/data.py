@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from fmnist_pl.errors import ConfigError, DataError
+from fmnist_pl.errors import ConfigError, DataError, DownloadError
 from fmnist_pl.io import atomic_write
 
 CLASS_NAMES = (
@@ -114,7 +114,7 @@ def _download(root: Path) -> Path:
         for train in (True, False):
             FashionMNIST(root=str(root), train=train, download=True)
     except Exception as e:  # network errors come in many types; all mean the same to the user
-        raise DataError(
+        raise DownloadError(
             f"could not download Fashion-MNIST ({type(e).__name__}: {e}); point --data.data_dir or ${DATA_DIR_ENV} "
             "at a folder with the four IDX files, or install Debian's dataset-fashion-mnist package"
         ) from e
@@ -226,11 +226,12 @@ def load_dataset(
     return tensors
 
 
-def load_predict_images(path: str | Path) -> torch.Tensor:
-    """Images to classify: an IDX images file (.gz or not) or a folder of 28×28 grayscale PNG/JPEG files."""
+def load_predict_images(path: str | Path) -> tuple[torch.Tensor, list[str] | None]:
+    """Images to classify: an IDX images file (.gz or not) or a folder of 28×28 grayscale PNG/JPEG files; with
+    the image files' names (None for an IDX file, whose images are known by their index)."""
     path = Path(path)
     if path.is_file():
-        return torch.from_numpy(read_idx(path, "images").copy())
+        return torch.from_numpy(read_idx(path, "images").copy()), None
     if not path.is_dir():
         raise DataError(f"{path}: no such file or folder to predict on")
     from PIL import Image
@@ -248,7 +249,7 @@ def load_predict_images(path: str | Path) -> torch.Tensor:
         if image.size != (IMAGE_SIZE, IMAGE_SIZE):
             raise DataError(f"{file}: image is {image.size[0]}×{image.size[1]}, the networks take 28×28")
         images.append(np.asarray(image.convert("L"), dtype=np.uint8))
-    return torch.from_numpy(np.stack(images))
+    return torch.from_numpy(np.stack(images)), [file.name for file in files]
 
 
 def shift_and_flip(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
@@ -362,6 +363,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
             )
         self.save_hyperparameters()
         self.tensors: FashionMNISTTensors | None = None
+        self.predict_names: list[str] | None = None  # the image files' names when predicting on a folder
 
     def prepare_data(self) -> None:
         # Runs once per node before setup(): downloads and writes the decoded cache that setup() then reads.
@@ -410,7 +412,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         if self.hparams.predict_path is not None:
-            images = load_predict_images(self.hparams.predict_path)
+            images, self.predict_names = load_predict_images(self.hparams.predict_path)
             return self._loader(images, torch.full((len(images),), -1, dtype=torch.int64), train=False)
         val = self.hparams.val_size
         images, labels = {

@@ -1,4 +1,4 @@
-"""The two kinds of user-facing failure; the CLI prints either as one line instead of a traceback."""
+"""User-facing failures; the CLI and the pipeline print each as one line instead of a traceback."""
 
 
 class FmnistError(Exception):
@@ -11,3 +11,7 @@ class ConfigError(FmnistError, ValueError):
 
 class DataError(FmnistError):
     """A missing, truncated, corrupt or wrong data file."""
+
+
+class DownloadError(DataError):
+    """The official download failed (no network, a mirror down): unlike the other errors, a retry may pass."""

@@ -6,7 +6,9 @@ Result files (history, confusion matrices, test metrics, predictions) are writte
 
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -19,6 +21,26 @@ from fmnist_pl.errors import ConfigError
 from fmnist_pl.networks import NETWORKS
 
 EVAL_SPLITS = ("val", "test")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by `fmnist-pl fit`, checked: loadable, and its weights fit the current architecture of
+    the network it names. Anything else is one ConfigError naming the file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, random bytes, not a zip: torch raises many kinds of error for these
+        raise ConfigError(f"checkpoint {path} is damaged or not a checkpoint ({type(e).__name__}); "
+                          "pass a .ckpt file written by `fmnist-pl fit`") from e  # fmt: skip
+    network = checkpoint.get("hyper_parameters", {}).get("network") if isinstance(checkpoint, dict) else None
+    if network not in NETWORKS or "state_dict" not in checkpoint:
+        raise ConfigError(f"checkpoint {path} was not written by `fmnist-pl fit` (no network or weights in it)")
+    weights = {k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items() if k.startswith("network.")}
+    try:
+        NETWORKS[network]().load_state_dict(weights)
+    except RuntimeError as e:
+        raise ConfigError(f"checkpoint {path}: its weights do not fit the current {network!r} architecture "
+                          f"({str(e).splitlines()[0]})") from e  # fmt: skip
+    return checkpoint
 
 
 class FashionMNISTClassifier(L.LightningModule):
@@ -162,6 +184,17 @@ class FashionMNISTClassifier(L.LightningModule):
         confidence, predicted = probabilities.max(dim=1)
         return {"label": labels, "predicted": predicted, "confidence": confidence, "probabilities": probabilities}
 
+    def on_train_start(self) -> None:
+        # A run resumed with another epoch count would follow the old one-cycle schedule (restored from the
+        # checkpoint) and crash when it runs past the end: stop before the first step instead.
+        for config in self.trainer.lr_scheduler_configs:
+            planned, now = getattr(config.scheduler, "total_steps", None), self.trainer.estimated_stepping_batches
+            if planned is not None and planned != now:
+                raise ConfigError(
+                    f"this checkpoint's one_cycle schedule was planned for {planned} steps, this run has {now}: "
+                    "resume with the epoch count it was started with, or start afresh without --ckpt_path"
+                )
+
     def on_train_epoch_start(self) -> None:
         self.epoch_started = time.perf_counter()
         for total in (self.train_loss_sum, self.train_correct, self.train_images):
@@ -209,6 +242,8 @@ class FashionMNISTClassifier(L.LightningModule):
         if hp.lr_schedule == "constant":
             return optimizer
         total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise ConfigError("the one_cycle schedule needs a finite length: set --trainer.max_epochs")
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=hp.learning_rate, total_steps=total_steps, pct_start=hp.warmup_fraction
         )

@@ -273,9 +273,18 @@ def build_report(run_dir: Path) -> dict:
     run = RunFolder(Path(run_dir).resolve())  # `outputs/latest` names the run it points at
     record = json.loads(_read(run.record, "run record (run.json)").read_text())
     steps, settings = record["steps"], record["settings"]
+    networks, seeds = record["networks"], record.get("seeds", [0])
+    missing = [step_name(kind, network, seed) for network in networks for seed in seeds
+               for kind in ("train", "evaluate") if step_name(kind, network, seed) not in steps]  # fmt: skip
+    if "download" not in steps or missing:
+        failed = f", failed at {record['failed_step']}" if record.get("failed_step") else ""
+        raise DataError(
+            f"run {run.path.name} is incomplete (status {record.get('status', 'unknown')}{failed}): no result for "
+            f"{(missing or ['download'])[0]}{f' and {len(missing) - 1} more steps' if len(missing) > 1 else ''}; "
+            "run the pipeline again with the same options (its finished steps are reused)"
+        )
     data = steps["download"]
     tensors = load_dataset(data["source_dir"], require_official=settings.get("require_official", True))
-    networks, seeds = record["networks"], record.get("seeds", [0])
     sections, results, histories, correct = [], {}, {}, {}
     run.tables.mkdir(parents=True, exist_ok=True)
     for network in networks:

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fmnist_pl.errors import ConfigError
 from fmnist_pl.networks import NETWORKS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -85,6 +86,19 @@ class PipelineSettings(BaseModel):
         if devices.strip() in ("0", "-0", "[]", ""):
             raise ValueError("needs at least one device: a count (1, 2, ...), a list of ids (0,1) or auto")
         return devices
+
+    def check_hardware(self) -> None:
+        """Refuse an accelerator or device count this machine lacks, before anything starts (Lightning would fail
+        inside every training step, and a retry cannot help)."""
+        import torch
+
+        wants_gpu = self.accelerator in ("gpu", "cuda")
+        if wants_gpu and not torch.cuda.is_available():
+            raise ConfigError("--accelerator gpu: this machine has no usable CUDA GPU; use --accelerator cpu or auto")
+        if self.accelerator == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("--accelerator mps: this machine has no Apple GPU; use --accelerator cpu or auto")
+        if wants_gpu and self.devices.isdigit() and int(self.devices) > torch.cuda.device_count():
+            raise ConfigError(f"--devices {self.devices}: this machine has {torch.cuda.device_count()} GPU(s)")
 
     def networks(self) -> list[str]:
         """The networks this run trains: those asked for, else every one the profile has a config for."""

@@ -76,6 +76,15 @@ FLOW_FILE = Path(__file__).resolve().parents[1] / "flows" / "full_pipeline.py"
 
 
 @pytest.fixture(scope="session")
+def flow_module():
+    """flows/full_pipeline.py imported without running anything (no Prefect server is started by importing)."""
+    spec = importlib.util.spec_from_file_location("full_pipeline_for_settings", FLOW_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def prefect_api() -> str:
     """A real local Prefect server (temporary database) for the whole session; yields its API URL."""
     from prefect.settings import PREFECT_API_URL

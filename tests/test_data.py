@@ -220,8 +220,8 @@ def test_predict_images_from_a_folder_of_pngs(tmp_path: Path) -> None:
 
     Image.fromarray(np.full((28, 28), 200, np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / "b.png")  # colour: converted to grayscale
-    images = load_predict_images(tmp_path)
-    assert images.shape == (2, 28, 28) and images[0, 0, 0] == 200
+    images, names = load_predict_images(tmp_path)
+    assert images.shape == (2, 28, 28) and images[0, 0, 0] == 200 and names == ["a.png", "b.png"]
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "c.png")
     with pytest.raises(DataError, match=r"c.png: image is 32×32, the networks take 28×28"):
         load_predict_images(tmp_path)

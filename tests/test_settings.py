@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pydantic
 import pytest
-from conftest import FLOW_FILE
 
 from fmnist_pl import layout
 from fmnist_pl.networks import NETWORKS
 from fmnist_pl.settings import PipelineSettings, add_settings_arguments, packaged_configs, profile_config
-
-
-@pytest.fixture(scope="module")
-def flow_module():
-    """flows/full_pipeline.py imported without running anything (no Prefect server is started by importing)."""
-    spec = importlib.util.spec_from_file_location("full_pipeline_for_settings", FLOW_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_field_is_a_command_line_option_with_its_default_and_help() -> None:
@@ -148,25 +137,25 @@ def test_cpu_threads_follow_training_cost_and_use_every_core(flow_module) -> Non
     )
 
 
-def test_trainings_at_once_never_exceed_the_cores_or_one_seeds_networks(flow_module) -> None:  # noqa: ANN001
+def test_trainings_at_once_stay_within_a_thread_budget(flow_module) -> None:  # noqa: ANN001
     plan = flow_module.training_plan
     costs = {"bn_cnn": 11e12, "dense": 1.2e12, "cnn": 0.5e12}  # costliest first, as the flow orders them
-    slots, threads = plan(costs, [0], 2)
-    assert slots == 3 and threads == {("bn_cnn", 0): 2, ("dense", 0): 1, ("cnn", 0): 1}  # one seed: as before
-    slots, threads = plan(costs, [0, 1, 2], 2)
-    assert slots == 3 and set(threads) == {(n, s) for n in costs for s in (0, 1, 2)}
+    budget, threads = plan(costs, [0], 2)
+    assert budget == 4 and threads == {("bn_cnn", 0): 2, ("dense", 0): 1, ("cnn", 0): 1}  # one seed: side by side
+    budget, threads = plan(costs, [0, 1, 2], 2)
+    assert budget == 4 and set(threads) == {(n, s) for n in costs for s in (0, 1, 2)}
     assert all(threads[n, s] == threads[n, 0] for n, s in threads)  # every seed of a network alike
-    slots, threads = plan({"bn_cnn": 11e12}, [0, 1, 2], 2)
-    assert slots == 2 and set(threads.values()) == {1}  # two at once on two cores, one thread each
-    slots, threads = plan(costs, [0, 1, 2], 16)
-    assert slots == 9 and sum(threads.values()) == 16  # all at once when the cores allow
+    budget, threads = plan({"bn_cnn": 11e12}, [0, 1, 2], 2)
+    assert budget == 2 and set(threads.values()) == {1}  # two at once on two cores, one thread each
+    budget, threads = plan(costs, [0, 1, 2], 16)
+    assert budget == 16 and sum(threads.values()) == 16  # all at once when the cores allow
 
 
-def test_training_queue_starts_trainings_in_ticket_order_and_never_more_than_the_slots(flow_module) -> None:  # noqa: ANN001
+def test_training_queue_starts_trainings_in_ticket_order_within_its_budget(flow_module) -> None:  # noqa: ANN001
     import threading
     import time
 
-    queue, started, running, most = flow_module.TrainingQueue(2), [], [0], [0]
+    queue, started, running, most = flow_module.TrainingQueue(budget=2), [], [0], [0]
     lock = threading.Lock()
 
     def train(ticket: int, cached: bool = False) -> None:
@@ -191,6 +180,15 @@ def test_training_queue_starts_trainings_in_ticket_order_and_never_more_than_the
     for thread in threads:
         thread.join(timeout=10)
     assert started == [0, 1, 3, 4, 5] and most[0] == 2  # ticket 2 was cached: it held nobody up
+
+    big = flow_module.TrainingQueue(budget=4)
+    with big.turn(0, threads=2), big.turn(1, threads=2):  # 2 + 2 threads fit a budget of 4 ...
+        blocked = threading.Thread(target=lambda: big.turn(2, threads=1).__enter__())
+        blocked.start()
+        blocked.join(timeout=1.5)
+        assert blocked.is_alive()  # ... a fifth thread does not, until one of them ends
+    blocked.join(timeout=5)
+    assert not blocked.is_alive()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,345 @@
+"""Failure paths, one class at a time: each ends fast, in a line or two that name the problem, and loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import FLOW_FILE, N_TEST, tiny_args
+
+from fmnist_pl.cli import main
+from fmnist_pl.networks import NETWORKS
+from fmnist_pl.settings import PipelineSettings, profile_config
+
+
+def cli_error(capsys: pytest.CaptureFixture, *args: str) -> list[str]:
+    """Run `fmnist-pl ARGS`, expect exit code 2, return its stderr lines."""
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    assert exit_.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def fake_checkpoint(path: Path, network: str, weights_of: str | None = None) -> Path:
+    """A checkpoint as `fmnist-pl fit` writes it, as far as the checks read it: hyper-parameters and weights."""
+    weights = NETWORKS[weights_of or network]().state_dict()
+    torch.save({"hyper_parameters": {"network": network},
+                "state_dict": {f"network.{k}": v for k, v in weights.items()}}, path)  # fmt: skip
+    return path
+
+
+# ---- bad options: the line that matters first, exit 2, before anything trains ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "first_line"),
+    [
+        ("--trainer.max_epochs=abc", "Parser key \"trainer.max_epochs\": Expected a <class 'int'> Given value: abc"),
+        ("--model.netwrk=cnn", "unrecognized arguments: --model.netwrk=cnn"),
+        ("--config={typo_yaml}", "does not accept option 'model.netwrk'"),  # a typo'd key in a config file
+    ],
+)
+def test_argument_errors_put_the_key_line_first(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, option: str, first_line: str
+) -> None:
+    typo_yaml = tmp_path / "typo.yaml"
+    typo_yaml.write_text("model:\n  netwrk: cnn\n")
+    err = cli_error(capsys, "fit", *tiny_args(tiny_data, tmp_path), option.format(typo_yaml=typo_yaml))
+    assert len(err) == 2 and err[0].startswith("fmnist-pl: error: ") and first_line in err[0]
+    assert "--help" in err[1] and "usage" not in "\n".join(err)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--trainer.max_epochs=0"], "trainer.max_epochs must be ≥ 1"),
+        ([f"--config={profile_config('fast', 'cnn')}", "--trainer.max_epochs=-1"], "one_cycle schedule needs a finite"),
+    ],
+)
+def test_fit_with_no_epochs_or_an_endless_schedule_is_refused(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, options: list[str], message: str
+) -> None:
+    # The config first: the options after it override it, as on the command line.
+    err = cli_error(capsys, "fit", *options[:1], *tiny_args(tiny_data, tmp_path), *options[1:])
+    assert message in err[-1] and len(err) <= 2
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_this_machine_lacks_is_refused_by_the_cli_and_the_pipeline(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flow_module
+) -> None:  # noqa: ANN001
+    err = cli_error(capsys, "fit", *tiny_args(tiny_data, tmp_path), "--trainer.accelerator=gpu")
+    assert err[-1].startswith("fmnist-pl: error: ") and "gpu" in err[-1].lower() and len(err) <= 2
+    with pytest.raises(SystemExit) as exit_:
+        flow_module.parse_args(["--accelerator", "gpu"])
+    assert exit_.value.code == 2
+    assert "this machine has no usable CUDA GPU" in capsys.readouterr().err.splitlines()[-1]
+
+
+# ---- bad checkpoints: verified when read ---------------------------------------------------------------------------
+
+
+def test_damaged_foreign_and_mismatched_checkpoints_are_refused_in_one_line(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    dense = fake_checkpoint(tmp_path / "dense.ckpt", "dense")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(dense.read_bytes()[:5000])
+    random_bytes = tmp_path / "random.ckpt"
+    random_bytes.write_bytes(os.urandom(3000))
+    renamed = fake_checkpoint(tmp_path / "renamed.ckpt", "bn_cnn", weights_of="cnn")  # says bn_cnn, holds a cnn
+    cnn_config = f"--config={profile_config('fast', 'cnn')}"
+    cases = [
+        ([cnn_config, f"--ckpt_path={truncated}"], "truncated.ckpt is damaged or not a checkpoint"),
+        ([cnn_config, f"--ckpt_path={random_bytes}"], "random.ckpt is damaged or not a checkpoint"),
+        ([cnn_config, f"--ckpt_path={dense}"], "holds a 'dense' network, not 'cnn'"),
+        (["--model.network=cnn", f"--ckpt_path={dense}"], "holds a 'dense' network, not 'cnn'"),
+        ([f"--ckpt_path={renamed}"], "weights do not fit the current 'bn_cnn' architecture"),
+    ]
+    for options, message in cases:
+        err = cli_error(capsys, "test", *options[:1], *tiny_args(tiny_data, tmp_path), *options[1:])
+        assert len(err) <= 2 and message in err[-1], (options, err)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.integration
+def test_resume_with_another_epoch_count_is_refused_before_training_and_predict_names_its_files(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = f"--config={profile_config('fast', 'cnn')}"  # one-cycle schedule
+    main(["fit", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=one"),
+          "--trainer.max_epochs=1"])  # fmt: skip
+    last = tmp_path / "runs" / "one" / "checkpoints" / "last.ckpt"
+    history = (tmp_path / "runs" / "one" / "history.csv").read_text()
+    capsys.readouterr()
+    err = cli_error(capsys, "fit", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=one"),
+                    "--trainer.max_epochs=2", f"--ckpt_path={last}")  # fmt: skip
+    assert "schedule was planned for" in err[-1] and "resume with the epoch count it was started with" in err[-1]
+    assert (tmp_path / "runs" / "one" / "history.csv").read_text() == history  # nothing lost
+
+    from PIL import Image
+
+    images = tmp_path / "my_images"
+    images.mkdir()
+    for name in ("b_shoe.png", "a_shirt.png"):
+        Image.new("L", (28, 28), 128).save(images / name)
+    main(["predict", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=mine"),
+          f"--ckpt_path={last}", f"--data.predict_path={images}"])  # fmt: skip
+    written = tmp_path / "runs" / "mine" / "predictions.csv"
+    predictions = pd.read_csv(written)
+    assert predictions["file"].tolist() == ["a_shirt.png", "b_shoe.png"]  # each row says which image it is
+    assert predictions["predicted_class"].notna().all()
+    assert f"predictions of 2 images written to {written}" in capsys.readouterr().out
+
+
+# ---- step results and run records --------------------------------------------------------------------------------
+
+
+def test_a_step_is_recorded_as_finished_only_when_its_outputs_exist(flow_module, tmp_path: Path) -> None:  # noqa: ANN001
+    work = tmp_path / "train-cnn-seed0-key"
+    work.mkdir()
+    promised = [work / "checkpoints" / "best.ckpt", work / "history.csv"]
+    (work / "history.csv").write_text("epoch\n")
+    with pytest.raises(RuntimeError, match=r"ended without writing checkpoints/best.ckpt"):
+        flow_module.mark_finished(work, {"dir": str(work)}, promised)
+    assert not (work / "done.json").exists()
+    promised[0].parent.mkdir()
+    promised[0].write_bytes(b"x")
+    assert flow_module.mark_finished(work, {"dir": str(work)}, promised)["cached"] is False
+    assert (work / "done.json").is_file()
+
+
+def test_a_damaged_last_checkpoint_is_set_aside(flow_module, tmp_path: Path) -> None:  # noqa: ANN001
+    last = tmp_path / "last.ckpt"
+    last.write_bytes(b"PK\x03\x04 cut short")
+    assert flow_module.set_aside_if_damaged(last) is True
+    assert not last.exists() and len(list(tmp_path.glob("last.ckpt.damaged-*"))) == 1
+    good = fake_checkpoint(tmp_path / "good.ckpt", "cnn")
+    assert flow_module.set_aside_if_damaged(good) is False and good.is_file()
+
+
+def test_runs_whose_process_is_gone_are_marked_killed(flow_module, tmp_path: Path) -> None:  # noqa: ANN001
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name, pid, status in (("dead", gone.pid, "running"), ("alive", os.getpid(), "running"),
+                              ("done", gone.pid, "completed")):  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(
+            json.dumps({"status": status, "pid": pid, "host": socket.gethostname()})
+        )
+    assert flow_module.mark_dead_runs(tmp_path, by=tmp_path / "new") == [tmp_path / "dead"]
+    statuses = {n: json.loads((tmp_path / n / "run.json").read_text())["status"] for n in ("dead", "alive", "done")}
+    assert statuses == {"dead": "killed", "alive": "running", "done": "completed"}
+
+
+def test_report_on_an_incomplete_run_says_what_is_missing_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from conftest import write_fake_run
+
+    run = write_fake_run(tmp_path, {"dense": 0.9, "cnn": 0.9})
+    record = json.loads((run / "run.json").read_text())
+    del record["steps"]["evaluate-cnn-seed0"]
+    record.update(status="killed")
+    (run / "run.json").write_text(json.dumps(record))
+    err = cli_error(capsys, "report", str(run))
+    assert len(err) == 1 and "is incomplete (status killed): no result for evaluate-cnn-seed0" in err[0]
+
+
+def test_a_step_folder_has_one_owner_at_a_time_and_a_dead_owner_frees_it(flow_module, tmp_path: Path) -> None:  # noqa: ANN001
+    work = tmp_path / "step"
+    order = []
+
+    def second() -> None:
+        with flow_module.step_lock(work):
+            order.append("second")
+
+    with flow_module.step_lock(work):
+        assert f"PID {os.getpid()}" in (work / ".lock").read_text()
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(1.5)
+        order.append("first done")
+    waiter.join(timeout=10)
+    assert order == ["first done", "second"]  # the second owner waited for the first
+
+    holder = subprocess.Popen(  # another process takes the lock and is killed while holding it
+        [sys.executable, "-c", f"import fcntl, time; f = open({str(work / '.lock')!r}, 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()
+    holder.wait()
+    started = time.monotonic()
+    with flow_module.step_lock(work):  # no stale lock: the kernel released the dead owner's
+        pass
+    assert time.monotonic() - started < 1
+
+
+# ---- the pipeline: permanent errors not retried, damaged checkpoints recovered, concurrent runs, kills -------------
+
+
+def tiny_settings(data: Path, out: Path, **overrides) -> PipelineSettings:
+    base = {"data_dir": str(data), "require_official": False, "val_size": 100, "epochs": 1, "accelerator": "cpu",
+            "output_dir": str(out), "models": ["dense"]}  # fmt: skip
+    return PipelineSettings(**{**base, **overrides})
+
+
+@pytest.mark.integration
+def test_bad_data_is_not_retried(pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from fmnist_pl.errors import DataError
+
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    for stem in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (garbage / f"{stem}.gz").write_bytes(os.urandom(500))
+    calls = []
+    real_load = pipeline.load_dataset
+    monkeypatch.setattr(pipeline, "load_dataset", lambda *a, **k: calls.append(1) or real_load(*a, **k))
+    with pytest.raises(DataError, match="cannot be read"):
+        pipeline.full_pipeline(tiny_settings(garbage, tmp_path / "out"))
+    assert len(calls) == 1  # permanent: one attempt, no waits
+    assert not (tmp_path / "out" / "latest").exists()  # `latest` only ever points at a completed run
+
+
+@pytest.mark.integration
+def test_a_damaged_last_checkpoint_in_a_step_folder_is_set_aside_and_training_restarts(
+    pipeline, tiny_data: Path, tmp_path: Path
+) -> None:  # noqa: ANN001
+    run = Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, epochs=2)))
+    step = (run / "dense" / "seed-0" / "train").resolve()
+    (step / "done.json").unlink()  # as if the run had been killed after its last epoch
+    last = step / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:4000])  # and the checkpoint cut short
+    again = Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, epochs=2)))
+    assert json.loads((again / "run.json").read_text())["status"] == "completed"
+    assert len(list(step.glob("checkpoints/last.ckpt.damaged-*"))) == 1
+    assert list(pd.read_csv(step / "history.csv")["epoch"]) == [0, 1]  # retrained whole, history intact
+    commands = [line for line in (step / "train.log").read_text().splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 and "--ckpt_path" not in commands[1]
+
+
+@pytest.mark.integration
+def test_two_identical_runs_into_one_output_folder_train_each_step_once(
+    prefect_api: str, tiny_data: Path, tmp_path: Path
+) -> None:
+    args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size", "100",
+            "--accelerator", "cpu", "--output-dir", str(tmp_path), "--models", "dense", "--epochs", "3"]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    runs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]  # fmt: skip
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    (step,) = (tmp_path / "steps").glob("train-dense-seed0-*")
+    assert sum(line.startswith("$ ") for line in (step / "train.log").read_text().splitlines()) == 1
+    assert list(pd.read_csv(step / "history.csv")["epoch"]) == [0, 1, 2]
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("2*/run.json")]  # run folders, not `latest`
+    assert sorted(r["status"] for r in records) == ["completed", "completed"]
+    assert not any("Traceback" in output for output in outputs), outputs
+    assert sorted(r["steps"]["train-dense-seed0"]["cached"] for r in records) == [
+        False,
+        True,
+    ]  # one trained, one reused
+
+
+@pytest.mark.integration
+def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
+    pipeline, tiny_data: Path, tmp_path: Path
+) -> None:  # noqa: ANN001
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # its own temporary server
+    args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size", "100",
+            "--accelerator", "cpu", "--output-dir", str(tmp_path), "--models", "dense", "--epochs", "40"]  # fmt: skip
+    flow = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not list(tmp_path.glob("steps/train-dense-*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(tmp_path.glob("steps/train-dense-*/checkpoints/last.ckpt")), "training never got going"
+        flow.send_signal(signal.SIGTERM)  # the flow's PID only, as `kill PID` does
+        output = flow.communicate(timeout=60)[0]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the training and the temporary server went with it
+            try:
+                os.killpg(flow.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"processes of the stopped flow are still running:\n{output[-3000:]}")
+    finally:
+        try:
+            os.killpg(flow.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("2*/run.json")]
+    assert record["status"] == "stopped" and flow.returncode != 0
+    assert not (tmp_path / "latest").exists()  # a stopped run never becomes `latest`
+    assert "Traceback" not in output
+
+    # The next run resumes the interrupted training; its history is continuous.
+    run = Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, epochs=40)))
+    assert json.loads((run / "run.json").read_text())["steps"]["train-dense-seed0"]["resumed"] is True
+    assert list(pd.read_csv(run / "dense" / "seed-0" / "train" / "history.csv")["epoch"]) == list(range(40))
+    assert (tmp_path / "latest").resolve() == run.resolve()
+    assert (
+        N_TEST
+        == json.loads((run / "dense" / "seed-0" / "evaluate" / "test" / "test_metrics.json").read_text())["images"]
+    )
