@@ -40,6 +40,8 @@ def quiet_known_warnings() -> None:
         r".*does not have many workers.*",
         # ShardedBatches' __len__ is exact: it runs in the main process and shards by rank itself.
         r".*`IterableDataset` has `__len__` defined.*",
+        # Training loss and accuracy are reduced over every rank before they are logged (train_epoch_results).
+        r".*It is recommended to use `self.log\('train/.*sync_dist=True.*",
         # PredictionsWriter needs no batch indices (ShardedBatches keeps the input order).
         r".*Couldn't infer the batch indices.*",
         # The module's transfer_batch_to_device is meant to win over the data module's (which has none).

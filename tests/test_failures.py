@@ -260,6 +260,25 @@ def test_bad_data_is_not_retried(pipeline, tmp_path: Path, monkeypatch: pytest.M
 
 
 @pytest.mark.integration
+def test_a_failed_download_is_retried_twice_then_stops_in_one_line(
+    pipeline, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    from fmnist_pl.errors import DownloadError
+
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append(1)
+        raise DownloadError("could not download Fashion-MNIST (URLError: no network)")
+
+    monkeypatch.setattr(pipeline, "load_dataset", offline)
+    monkeypatch.setattr(pipeline, "download_data", pipeline.download_data.with_options(retry_delay_seconds=0))
+    with pytest.raises(DownloadError, match="could not download"):
+        pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path))
+    assert len(calls) == 3  # transient: the first try and two retries
+
+
+@pytest.mark.integration
 def test_a_damaged_last_checkpoint_in_a_step_folder_is_set_aside_and_training_restarts(
     pipeline, tiny_data: Path, tmp_path: Path
 ) -> None:  # noqa: ANN001

@@ -183,7 +183,7 @@ def test_serve_registers_a_scheduled_deployment_that_runs(prefect_api: str, tiny
     from prefect.client.orchestration import get_client
 
     args = cli_flow_args(tiny_data, tmp_path, "--models", "cnn", "--epochs", "1")
-    args[2:2] = ["serve", "--cron", "0 3 * * *", "--name", "nightly"]
+    args[2:2] = ["serve", "--cron", "0 3 * * *", "--name", "served"]
     server = subprocess.Popen(args, env={**os.environ, "PREFECT_API_URL": prefect_api}, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
@@ -191,7 +191,7 @@ def test_serve_registers_a_scheduled_deployment_that_runs(prefect_api: str, tiny
             deadline, deployment = time.monotonic() + 120, None
             while deployment is None and time.monotonic() < deadline:
                 try:
-                    deployment = client.read_deployment_by_name("fmnist-full-pipeline/nightly")
+                    deployment = client.read_deployment_by_name("fmnist-full-pipeline/served")
                 except Exception:
                     time.sleep(1)
             assert deployment is not None, "serve never registered the deployment"

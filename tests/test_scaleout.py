@@ -1,0 +1,163 @@
+"""Scale-out on one machine: multi-node DDP (torchrun with a local rendezvous; SLURM's srun, faked) and a Prefect
+work-pool deployment from prefect.yaml, run by a worker. The README's scale-out commands are these."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import FLOW_FILE, N_TEST, tiny_args
+
+from fmnist_pl.settings import PipelineSettings
+
+pytestmark = pytest.mark.integration  # several processes, a Prefect server
+REPO = FLOW_FILE.parents[1]
+FAKE_SRUN = Path(__file__).with_name("fake_srun.py")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_nodes(args: list[str], nodes: int = 2, per_node: int = 1) -> list[subprocess.Popen]:
+    """`torchrun -m fmnist_pl ARGS` once per pretend node, as each node of a cluster would start it (static
+    rendezvous at 127.0.0.1)."""
+    port = str(free_port())
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                str(nodes),
+                "--nproc-per-node",
+                str(per_node),
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+                "-m",
+                "fmnist_pl",
+                *args,
+                f"--trainer.num_nodes={nodes}",
+                f"--trainer.devices={per_node}",
+                "--trainer.strategy=ddp",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        for rank in range(nodes)
+    ]
+
+
+def finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+    outputs = [p.communicate(timeout=timeout)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0] * len(processes), "\n".join(o[-3000:] for o in outputs)
+    return outputs
+
+
+def test_two_node_ddp_with_torchrun_trains_on_every_rank_counts_each_test_image_once_and_resumes(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    fit = ["fit", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit"), "--trainer.max_epochs=2",
+           "--model.network=cnn"]  # fmt: skip
+    node0, node1 = finish(torchrun_nodes(fit))
+    assert "Starting with 2 processes" in node0 and "GLOBAL_RANK: 1, MEMBER: 2/2" in node1  # every rank trained
+    assert "epoch 2/2" in node0 and "epoch" not in node1  # progress and files from rank 0 alone
+    run = tmp_path / "runs" / "fit"
+    assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1]
+    assert not [p for p in run.rglob("*") if "rank" in p.name]
+
+    best = f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}"
+    finish(torchrun_nodes(["test", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=test4"),
+                           best], per_node=2))  # fmt: skip  # 4 ranks over 101 images
+    four = json.loads((tmp_path / "runs" / "test4" / "test_metrics.json").read_text())
+    matrix = pd.read_csv(tmp_path / "runs" / "test4" / "confusion_matrix_test.csv", index_col=0).to_numpy()
+    assert four["devices"] == 4 and four["images"] == matrix.sum() == N_TEST  # each test image exactly once
+    from fmnist_pl.cli import main
+
+    main(["test", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=test1"), best])
+    one = json.loads((tmp_path / "runs" / "test1" / "test_metrics.json").read_text())
+    assert four["accuracy"] == one["accuracy"]  # the same answer as one process
+
+    # A multi-node fit killed mid-run resumes from its last checkpoint, every epoch kept once.
+    longer = ["fit", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=long"),
+              "--trainer.max_epochs=12", "--model.network=cnn"]  # fmt: skip
+    nodes = torchrun_nodes(longer)
+    last = tmp_path / "runs" / "long" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 180
+    while not last.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for node in nodes:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+    assert last.is_file(), "the multi-node fit never wrote a checkpoint"
+    done = len(pd.read_csv(tmp_path / "runs" / "long" / "history.csv"))
+    assert done < 12, "it finished before it could be killed"
+    finish(torchrun_nodes([*longer, f"--ckpt_path={last}"]))
+    assert list(pd.read_csv(tmp_path / "runs" / "long" / "history.csv")["epoch"]) == list(range(12))
+
+
+def test_the_flow_trains_on_two_slurm_nodes_through_its_train_launcher(
+    pipeline, tiny_data: Path, tmp_path: Path
+) -> None:  # noqa: ANN001
+    settings = PipelineSettings(
+        data_dir=str(tiny_data), require_official=False, val_size=100, epochs=2, accelerator="cpu",
+        output_dir=str(tmp_path), models=["cnn"], num_nodes=2, devices="1", strategy="ddp",
+        train_launcher=f"{sys.executable} {FAKE_SRUN} --nodes 2 --ntasks-per-node 1",
+    )  # fmt: skip
+    run = Path(pipeline.full_pipeline(settings))
+    log = (run / "cnn" / "seed-0" / "train" / "train.log").read_text()
+    assert f"$ {sys.executable} {FAKE_SRUN} --nodes 2" in log
+    assert "MEMBER: 1/2" in log and "Starting with 2 processes" in log  # two SLURM tasks joined one job
+    metrics = json.loads((run / "cnn" / "seed-0" / "evaluate" / "test" / "test_metrics.json").read_text())
+    assert metrics["images"] == N_TEST
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+def test_the_work_pool_deployment_in_prefect_yaml_runs_on_a_worker_to_a_report(
+    prefect_api: str, tiny_data: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    pool = f"fmnist-{uuid.uuid4().hex[:8]}"
+
+    def prefect(*args: str, timeout: float = 120) -> str:
+        result = subprocess.run(["prefect", "--no-prompt", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=timeout)  # fmt: skip
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return result.stdout
+
+    prefect("work-pool", "create", pool, "--type", "process")
+    prefect("deploy", "--name", "nightly", "--pool", pool)  # the deployment defined in prefect.yaml
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("fmnist-full-pipeline/nightly")
+        assert deployment.work_pool_name == pool and [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+        assert deployment.parameters == {}  # the flow's defaults, as `serve` registers them
+        settings = {"data_dir": str(tiny_data), "require_official": False, "val_size": 100, "epochs": 1,
+                    "models": ["cnn"], "accelerator": "cpu", "output_dir": str(tmp_path / "out")}  # fmt: skip
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={"settings": settings})
+        prefect("worker", "start", "--pool", pool, "--run-once", timeout=300)  # picks the run up, runs it, exits
+        state = client.read_flow_run(run.id).state
+    assert state.is_completed(), state
+    report = tmp_path / "out" / "latest" / "report.md"
+    assert report.is_file() and "## cnn" in report.read_text()
