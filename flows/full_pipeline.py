@@ -574,9 +574,16 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
     return str(run.path)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with the error first and a hint after it instead of the whole usage before it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n(`python flows/full_pipeline.py --help` lists every option)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, PipelineSettings]:
     """The command line: `run` (default) or `serve`, and one option per PipelineSettings field."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         description="Train, evaluate and compare the study's networks and a modern small CNN on Fashion-MNIST.",
         epilog="`serve --cron EXPR` registers a scheduled deployment instead of running once.",
     )

@@ -128,6 +128,8 @@ class FashionMNISTCLI(LightningCLI):
                     f"checkpoint {ckpt_path} holds a {checkpoint['hyper_parameters']['network']!r} network, not "
                     f"{asked!r}; pass that network's config, or a checkpoint of {asked!r}"
                 )
+            if self.config.subcommand == "fit":
+                check_schedule_fits(checkpoint, config["trainer"].get("max_epochs"), ckpt_path)
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -139,6 +141,19 @@ class FashionMNISTCLI(LightningCLI):
             if config["model"].get("lr_schedule") == "one_cycle" and epochs in (None, -1) and steps == -1:
                 raise ConfigError("the one_cycle schedule needs a finite length: set --trainer.max_epochs "
                                   "(or --trainer.max_steps)")  # fmt: skip
+
+
+def check_schedule_fits(checkpoint: dict, max_epochs: int | None, path: str) -> None:
+    """A one-cycle schedule is planned for the whole run: resuming with another epoch count would follow the old
+    plan and crash past its end. Refuse before anything is built (the module checks again when training starts)."""
+    schedules = [s for s in checkpoint.get("lr_schedulers") or [] if isinstance(s, dict) and "total_steps" in s]
+    epochs_done, steps_done = checkpoint.get("epoch", 0) + 1, checkpoint.get("global_step", 0)
+    if not schedules or not steps_done or max_epochs is None:
+        return
+    planned = round(schedules[0]["total_steps"] * epochs_done / steps_done)
+    if planned != max_epochs:
+        raise ConfigError(f"checkpoint {path} was trained under a one_cycle schedule planned for {planned} epoch(s); "
+                          f"resume it with --trainer.max_epochs {planned}, or start afresh without --ckpt_path")  # fmt: skip
 
 
 _one_cli_at_a_time = threading.Lock()  # a LightningCLI run sets process-wide seeds and warning filters
