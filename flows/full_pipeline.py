@@ -12,21 +12,13 @@ options, config file and data checksums; an interrupted training step resumes fr
 # No `from __future__ import annotations`: Prefect builds the flow's parameter model from the real annotations,
 # and a served run cannot resolve them from strings.
 import argparse
-import contextlib
-import fcntl
-import functools
-import hashlib
 import json
 import logging
 import os
-import shlex
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -34,7 +26,6 @@ import pydantic
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 from prefect.settings import (
     PREFECT_SERVER_ANALYTICS_ENABLED,
@@ -44,31 +35,36 @@ from prefect.settings import (
 from prefect.tasks import exponential_backoff
 
 from fmnist_pl import __version__, layout
-from fmnist_pl.callbacks import EPOCH_LINE_PREFIX, forward_flops
+from fmnist_pl.callbacks import forward_flops
 from fmnist_pl.cli import USER_ERRORS, quiet_known_warnings, run_cli
 from fmnist_pl.data import load_dataset
 from fmnist_pl.errors import ConfigError, DownloadError
 from fmnist_pl.io import write_text_atomic
-from fmnist_pl.module import read_checkpoint
 from fmnist_pl.networks import NETWORKS
 from fmnist_pl.report import build_report, markdown_with_embedded_figures
 from fmnist_pl.settings import PipelineSettings, add_settings_arguments, profile_config
-
-
-def step_key(**inputs: object) -> str:
-    """A short hash of everything a step's result depends on."""
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-class StepFailed(RuntimeError):
-    """A step's command failed; the message names the command, its last line of output and its log file."""
-
-
-class BadInputError(StepFailed):
-    """The CLI rejected an option, the data, a checkpoint or the machine (exit code 2): retrying cannot help."""
-
-
-STOPPING = threading.Event()  # set when a flow run stops or fails: waiting trainings give up instead of starting
+from fmnist_pl.steps import (
+    STOPPING,
+    BadInputError,
+    StepFailed,
+    TrainingQueue,
+    link,
+    log_into,
+    mark_dead_runs,
+    mark_finished,
+    new_run_dir,
+    on_cpu,
+    output_into,
+    point_latest_at,
+    reuse_finished,
+    run_cli_subprocess,
+    set_aside_if_damaged,
+    step_key,
+    step_lock,
+    stop_children,
+    training_plan,
+    training_queue,
+)
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001
@@ -85,149 +81,6 @@ def retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001
     except Exception:
         return True
     return True
-
-
-LIVE_CHILDREN: set[subprocess.Popen] = set()  # training subprocesses, stopped with the flow (see stop_on_signal)
-
-
-def run_cli_subprocess(args: list[str], log_file: Path, env: dict[str, str] | None = None, launcher: str = "") -> None:
-    """Run `[launcher] python -m fmnist_pl ARGS` in its own process, its whole output into the step's log file
-    and only its per-epoch lines to the flow's log (the console and the Prefect UI).
-
-    A subprocess, because Lightning's DDP launcher re-runs the current command for every extra rank:
-    inside the flow's process that command would be the whole flow. `launcher` (e.g. `srun`) starts the
-    command once per task of a multi-node allocation, as Lightning's multi-node guide does.
-    """
-    logger = get_run_logger()
-    command = [*shlex.split(launcher), sys.executable, "-m", "fmnist_pl", *args]
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    if STOPPING.is_set():
-        raise StepFailed("the pipeline is stopping")
-    with open(log_file, "a") as log:
-        log.write(f"$ {' '.join(command)}\n")
-        process = subprocess.Popen(  # its own process group: stopping it stops its DDP ranks too
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-        LIVE_CHILDREN.add(process)
-        try:
-            for line in process.stdout:
-                log.write(line)
-                log.flush()
-                if line.startswith(EPOCH_LINE_PREFIX):
-                    logger.info(line.rstrip())
-            process.wait()
-        finally:
-            LIVE_CHILDREN.discard(process)
-            if process.poll() is None:  # the flow is stopping: do not leave a training running on its own
-                stop_process_group(process)
-    if process.returncode != 0:
-        last = next((line for line in reversed(log_file.read_text().splitlines()) if line.strip()), "")
-        error = BadInputError if process.returncode == 2 else StepFailed
-        raise error(f"`fmnist-pl {args[0]}` failed (exit code {process.returncode}): {last.strip()} [log: {log_file}]")
-
-
-_one_output_capture = threading.Lock()  # sys.stdout is process-wide: one evaluation captures it at a time
-
-
-@contextlib.contextmanager
-def output_into(log_file: Path) -> Iterator[None]:
-    """Send what an in-process CLI run prints (Lightning's start-up lines, its test table, warnings) to the step's
-    log file alone, not to the console twice (once plain, once through Prefect's root handler)."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    saved = [(lg.handlers, lg.propagate) for lg in loggers]
-    with (
-        _one_output_capture,
-        open(log_file, "a") as log,
-        contextlib.redirect_stdout(log),
-        contextlib.redirect_stderr(log),
-    ):
-        handler = logging.StreamHandler(log)
-        for lg in loggers:
-            lg.handlers, lg.propagate = [handler], False
-        try:
-            yield
-        finally:
-            for lg, (handlers, propagate) in zip(loggers, saved, strict=True):
-                lg.handlers, lg.propagate = handlers, propagate
-
-
-def log_into(folder: Path) -> list[str]:
-    """CLI options that make a run write into exactly `folder` (CSVLogger's save_dir/name/version)."""
-    return [f"--trainer.logger.init_args.save_dir={folder.parent}", "--trainer.logger.init_args.name=",
-            f"--trainer.logger.init_args.version={folder.name}"]  # fmt: skip
-
-
-def run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """The current Prefect task's or flow's logger; outside a run (helpers called directly), a plain logger."""
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("fmnist_pl.pipeline")
-
-
-def reuse_finished(work: Path, what: str) -> dict | None:
-    """A finished step's recorded result, if `work` holds one."""
-    done = work / "done.json"
-    if not done.is_file():
-        return None
-    run_logger().info(f"reusing finished {what} {work}")
-    return {**json.loads(done.read_text()), "cached": True}
-
-
-def mark_finished(work: Path, result: dict, outputs: list[Path]) -> dict:
-    """Record a step's result in its folder, from then on reused; only when every output it promises exists."""
-    missing = [str(path.relative_to(work)) for path in outputs if not path.is_file()]
-    if missing:
-        raise RuntimeError(f"{work.name} ended without writing {', '.join(missing)}; see its log in {work}")
-    write_text_atomic(work / "done.json", json.dumps(result, indent=2) + "\n")
-    return {**result, "cached": False}
-
-
-@contextlib.contextmanager
-def step_lock(work: Path) -> Iterator[None]:
-    """Own a step folder: one process at a time trains or evaluates into it. Another run of the same step waits
-    here, then finds the result and reuses it. The lock is an flock on `.lock` (which names its owner's PID): the
-    kernel releases it when the owner dies, so a killed run never leaves a stale lock behind."""
-    work.mkdir(parents=True, exist_ok=True)
-    with open(work / ".lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            owner = lock.read().strip() or "another process"
-            run_logger().info(f"waiting for {owner}, which is running this step in {work}")
-            while True:  # polled, not blocking: a stopping flow must not hang on another run's lock
-                if STOPPING.is_set():
-                    raise RuntimeError("the pipeline is stopping") from None
-                time.sleep(1)
-                with contextlib.suppress(BlockingIOError):
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
-        yield
-
-
-def set_aside_if_damaged(checkpoint: Path) -> bool:
-    """A last.ckpt that cannot be read (a crash mid-write on a filesystem without atomic rename, a full disk) is
-    renamed and logged, so that training restarts rather than failing on it forever. True if it was set aside."""
-    try:
-        read_checkpoint(checkpoint)
-        return False
-    except ConfigError as e:
-        aside = checkpoint.with_name(f"{checkpoint.name}.damaged-{datetime.now():%Y%m%d-%H%M%S}")
-        checkpoint.rename(aside)
-        run_logger().warning(f"{e}: set aside as {aside.name}; training starts afresh")
-        return True
 
 
 def network_config(settings: PipelineSettings, network: str) -> Path:
@@ -249,46 +102,6 @@ def download_data(data_dir: str | None, require_official: bool) -> dict:
         "sha256": tensors.sha256,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
-
-
-class TrainingQueue:
-    """Trainings in their planned order, within a budget of threads (each training costs its thread count). The
-    flow's task threads arrive in any order; ticket k starts only after every earlier ticket has started, been
-    found cached, or failed."""
-
-    def __init__(self, budget: int) -> None:
-        self.budget, self.running, self.next, self.passed = budget, 0, 0, set()
-        self.changed = threading.Condition()
-
-    def pass_turn(self, ticket: int) -> None:
-        """Ticket `ticket` needs no slot (its result is cached, or it failed): later tickets may go ahead."""
-        with self.changed:
-            self.passed.add(ticket)
-            while self.next in self.passed:
-                self.next += 1
-            self.changed.notify_all()
-
-    @contextlib.contextmanager
-    def turn(self, ticket: int, threads: int = 1) -> Iterator[None]:
-        with self.changed:  # a retried ticket (ticket < next) only waits for room in the budget
-            while not ((self.running == 0 or self.running + threads <= self.budget) and ticket <= self.next):
-                if STOPPING.is_set():
-                    raise RuntimeError("the pipeline is stopping")
-                self.changed.wait(timeout=1)
-            self.running += threads
-        self.pass_turn(ticket)
-        try:
-            yield
-        finally:
-            with self.changed:
-                self.running -= threads
-                self.changed.notify_all()
-
-
-@functools.cache
-def training_queue(flow_run_id: str, budget: int) -> TrainingQueue:
-    """The queue a flow run's trainings share."""
-    return TrainingQueue(budget)
 
 
 @task(
@@ -395,112 +208,11 @@ def write_report(run_dir: str) -> dict:
     return {"report": str(run.report(".md")), "wall_seconds": round(time.perf_counter() - started, 2)}
 
 
-def on_cpu(accelerator: str) -> bool:
-    """Whether Lightning's accelerator choice resolves to the CPU on this machine."""
-    import torch
-
-    return accelerator == "cpu" or (
-        accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    )
-
-
 def training_cost(settings: PipelineSettings, network: str) -> float:
     """A training's relative CPU cost: forward FLOPs per image × epochs (every network sees the same images)."""
     config = yaml.safe_load(network_config(settings, network).read_text())
     epochs = settings.epochs or config.get("trainer", {}).get("max_epochs", 1)
     return forward_flops(NETWORKS[network]()) * epochs
-
-
-def training_plan(costs: dict[str, float], seeds: list[int], cores: int) -> tuple[int, dict[tuple[str, int], int]]:
-    """(thread budget, threads per (network, seed)) for trainings that share `cores` CPU cores.
-
-    All at once when there are no more trainings than cores. Otherwise as one seed's networks would run side by
-    side (threads split by cost among them, as many trainings as there are cores or networks): that many threads
-    run at once, so later seeds start as earlier trainings free their threads.
-    """
-    trainings = [(network, seed) for seed in seeds for network in costs]
-    if len(trainings) <= cores:
-        threads = cpu_thread_shares({t: costs[t[0]] for t in trainings}, cores)
-        return sum(threads.values()), threads
-    wave = cpu_thread_shares({t: costs[t[0]] for t in trainings[: max(cores, len(costs))]}, cores)
-    per_network = {network: min(n for (m, _), n in wave.items() if m == network) for network in costs}
-    return sum(wave.values()), {(network, seed): per_network[network] for network, seed in trainings}
-
-
-def cpu_thread_shares(costs: dict, cores: int) -> dict:
-    """Threads per training when trainings share `cores`: one each, and the cores left over in proportion to cost,
-    so that the costliest training does not end up alone on one core while the others sit idle."""
-    total, spare = sum(costs.values()), cores - len(costs)
-    if spare <= 0:  # no more cores than trainings: one each, and a clearly dominant training may use every core
-        threads = dict.fromkeys(costs, 1)
-        costliest = max(costs, key=costs.get)
-        # FLOPs are a rough proxy (a dense layer's FLOP is cheaper on a CPU than a small convolution's), so only
-        # a training estimated at most of the total work is worth oversubscribing the cores for.
-        if costs[costliest] > 0.8 * total:
-            threads[costliest] = cores
-        return threads
-    shares = {network: spare * cost / total for network, cost in costs.items()}
-    threads = {network: 1 + int(share) for network, share in shares.items()}
-    left = cores - sum(threads.values())  # whole cores still unassigned: to the largest remainders
-    for network in sorted(shares, key=lambda n: shares[n] - int(shares[n]), reverse=True)[:left]:
-        threads[network] += 1
-    return threads
-
-
-def new_run_dir(output_dir: Path) -> Path:
-    """A fresh outputs/<run id>/, never an earlier run's."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1000):
-        run_dir = output_dir / (stamp if attempt == 0 else f"{stamp}-{attempt}")
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new run folder in {output_dir}")
-
-
-def point_latest_at(run_dir: Path) -> None:
-    """`outputs/latest` -> this run: called once the run has completed, so `latest` is always a whole run."""
-    latest = run_dir.parent / f".latest.{os.getpid()}"
-    latest.unlink(missing_ok=True)
-    latest.symlink_to(run_dir.name)
-    os.replace(latest, run_dir.parent / layout.LATEST)  # atomic: never a moment without a `latest`
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process, alive
-        return True
-    return True
-
-
-def mark_dead_runs(output_dir: Path, by: Path) -> list[Path]:
-    """Earlier runs on this machine whose record still says running but whose process is gone (killed, or the
-    machine went down) are marked "killed", so that run.json tells the truth. Returns them."""
-    dead = []
-    for record_file in output_dir.glob(f"*/{layout.RunFolder(Path()).record.name}"):
-        try:
-            record = json.loads(record_file.read_text())
-        except (OSError, ValueError):
-            continue
-        if (record.get("status") == "running" and record.get("host") == socket.gethostname()
-                and isinstance(record.get("pid"), int) and not process_alive(record["pid"])):  # fmt: skip
-            record.update(status="killed", ended=f"found without its process (PID {record['pid']}) by {by.name}")
-            write_text_atomic(record_file, json.dumps(record, indent=2) + "\n")
-            dead.append(record_file.parent)
-    return dead
-
-
-def link(link_path: Path, target: Path) -> None:
-    """A relative symbolic link, so that outputs/ can be moved or archived whole and its links still resolve."""
-    link_path.parent.mkdir(parents=True, exist_ok=True)
-    link_path.symlink_to(os.path.relpath(target, link_path.parent))
 
 
 @flow(name="fmnist-full-pipeline", log_prints=True)
@@ -636,22 +348,6 @@ class OneLineFailures(logging.Filter):
             return False  # a step that never started because the one before it failed: said already
             record.exc_info, record.exc_text = None, None
         return True
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    """Kill a step's subprocess and everything it started (DDP ranks). SIGKILL: Lightning catches SIGTERM and trains
-    on; nothing is lost, the next run resumes from the last epoch's checkpoint."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
-def stop_children() -> None:
-    """The flow is stopping (Prefect's SIGTERM handler, Ctrl-C, a failure): no training is left running on its
-    own, none waiting starts, no step retries."""
-    STOPPING.set()
-    for process in list(LIVE_CHILDREN):
-        stop_process_group(process)
 
 
 def stop_on_signal(signum: int, frame: object) -> None:

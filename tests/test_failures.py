@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import FLOW_FILE, N_TEST, tiny_args
 
+from fmnist_pl import steps
 from fmnist_pl.cli import main
 from fmnist_pl.networks import NETWORKS
 from fmnist_pl.settings import PipelineSettings, profile_config
@@ -149,30 +150,30 @@ def test_resume_with_another_epoch_count_is_refused_before_training_and_predict_
 # ---- step results and run records --------------------------------------------------------------------------------
 
 
-def test_a_step_is_recorded_as_finished_only_when_its_outputs_exist(flow_module, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_step_is_recorded_as_finished_only_when_its_outputs_exist(tmp_path: Path) -> None:
     work = tmp_path / "train-cnn-seed0-key"
     work.mkdir()
     promised = [work / "checkpoints" / "best.ckpt", work / "history.csv"]
     (work / "history.csv").write_text("epoch\n")
     with pytest.raises(RuntimeError, match=r"ended without writing checkpoints/best.ckpt"):
-        flow_module.mark_finished(work, {"dir": str(work)}, promised)
+        steps.mark_finished(work, {"dir": str(work)}, promised)
     assert not (work / "done.json").exists()
     promised[0].parent.mkdir()
     promised[0].write_bytes(b"x")
-    assert flow_module.mark_finished(work, {"dir": str(work)}, promised)["cached"] is False
+    assert steps.mark_finished(work, {"dir": str(work)}, promised)["cached"] is False
     assert (work / "done.json").is_file()
 
 
-def test_a_damaged_last_checkpoint_is_set_aside(flow_module, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_damaged_last_checkpoint_is_set_aside(tmp_path: Path) -> None:
     last = tmp_path / "last.ckpt"
     last.write_bytes(b"PK\x03\x04 cut short")
-    assert flow_module.set_aside_if_damaged(last) is True
+    assert steps.set_aside_if_damaged(last) is True
     assert not last.exists() and len(list(tmp_path.glob("last.ckpt.damaged-*"))) == 1
     good = fake_checkpoint(tmp_path / "good.ckpt", "cnn")
-    assert flow_module.set_aside_if_damaged(good) is False and good.is_file()
+    assert steps.set_aside_if_damaged(good) is False and good.is_file()
 
 
-def test_runs_whose_process_is_gone_are_marked_killed(flow_module, tmp_path: Path) -> None:  # noqa: ANN001
+def test_runs_whose_process_is_gone_are_marked_killed(tmp_path: Path) -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     for name, pid, status in (("dead", gone.pid, "running"), ("alive", os.getpid(), "running"),
@@ -181,7 +182,7 @@ def test_runs_whose_process_is_gone_are_marked_killed(flow_module, tmp_path: Pat
         (tmp_path / name / "run.json").write_text(
             json.dumps({"status": status, "pid": pid, "host": socket.gethostname()})
         )
-    assert flow_module.mark_dead_runs(tmp_path, by=tmp_path / "new") == [tmp_path / "dead"]
+    assert steps.mark_dead_runs(tmp_path, by=tmp_path / "new") == [tmp_path / "dead"]
     statuses = {n: json.loads((tmp_path / n / "run.json").read_text())["status"] for n in ("dead", "alive", "done")}
     assert statuses == {"dead": "killed", "alive": "running", "done": "completed"}
 
@@ -200,15 +201,15 @@ def test_report_on_an_incomplete_run_says_what_is_missing_in_one_line(
     assert len(err) == 1 and "is incomplete (status killed): no result for evaluate-cnn-seed0" in err[0]
 
 
-def test_a_step_folder_has_one_owner_at_a_time_and_a_dead_owner_frees_it(flow_module, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_step_folder_has_one_owner_at_a_time_and_a_dead_owner_frees_it(tmp_path: Path) -> None:
     work = tmp_path / "step"
     order = []
 
     def second() -> None:
-        with flow_module.step_lock(work):
+        with steps.step_lock(work):
             order.append("second")
 
-    with flow_module.step_lock(work):
+    with steps.step_lock(work):
         assert f"PID {os.getpid()}" in (work / ".lock").read_text()
         waiter = threading.Thread(target=second)
         waiter.start()
@@ -226,7 +227,7 @@ def test_a_step_folder_has_one_owner_at_a_time_and_a_dead_owner_frees_it(flow_mo
     holder.kill()
     holder.wait()
     started = time.monotonic()
-    with flow_module.step_lock(work):  # no stale lock: the kernel released the dead owner's
+    with steps.step_lock(work):  # no stale lock: the kernel released the dead owner's
         pass
     assert time.monotonic() - started < 1
 
@@ -241,7 +242,7 @@ def tiny_settings(data: Path, out: Path, **overrides) -> PipelineSettings:
 
 
 @pytest.mark.integration
-def test_bad_data_is_not_retried(pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_bad_data_is_not_retried(pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fmnist_pl.errors import DataError
 
     garbage = tmp_path / "garbage"
@@ -265,7 +266,7 @@ def test_bad_data_is_not_retried(pipeline, tmp_path: Path, monkeypatch: pytest.M
 @pytest.mark.integration
 def test_a_failed_download_is_retried_twice_then_stops_in_one_line(
     pipeline, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # noqa: ANN001
+) -> None:
     from fmnist_pl.errors import DownloadError
 
     calls = []
@@ -284,7 +285,7 @@ def test_a_failed_download_is_retried_twice_then_stops_in_one_line(
 @pytest.mark.integration
 def test_a_damaged_last_checkpoint_in_a_step_folder_is_set_aside_and_training_restarts(
     pipeline, tiny_data: Path, tmp_path: Path
-) -> None:  # noqa: ANN001
+) -> None:
     run = Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, epochs=2)))
     step = (run / "dense" / "seed-0" / "train").resolve()
     (step / "done.json").unlink()  # as if the run had been killed after its last epoch
@@ -324,7 +325,7 @@ def test_two_identical_runs_into_one_output_folder_train_each_step_once(
 @pytest.mark.integration
 def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
     pipeline, tiny_data: Path, tmp_path: Path
-) -> None:  # noqa: ANN001
+) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # its own temporary server
     args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size", "100",
             "--accelerator", "cpu", "--output-dir", str(tmp_path), "--models", "dense", "--epochs", "40"]  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from fmnist_pl import layout
+from fmnist_pl import layout, steps
 from fmnist_pl.networks import NETWORKS
 from fmnist_pl.settings import PipelineSettings, add_settings_arguments, packaged_configs, profile_config
 
@@ -84,8 +84,8 @@ def test_a_profile_without_a_config_for_a_network_is_one_clear_error(flow_module
         flow_module.network_config(PipelineSettings(profile="reference"), "bn_cnn")
 
 
-def test_step_keys_change_with_what_decides_the_result_only(flow_module) -> None:  # noqa: ANN001
-    module = flow_module
+def test_step_keys_change_with_what_decides_the_result_only() -> None:
+    module = steps
     base = PipelineSettings()
     key = module.step_key(options=base.cli_options(data_dir=None))
     assert key == module.step_key(options=PipelineSettings(train_launcher="srun").cli_options(data_dir=None))
@@ -125,7 +125,7 @@ def test_importing_the_package_changes_nothing_global() -> None:
 
 
 def test_cpu_threads_follow_training_cost_and_use_every_core(flow_module) -> None:  # noqa: ANN001
-    shares = flow_module.cpu_thread_shares
+    shares = steps.cpu_thread_shares
     costs = {"dense": 1.2e12, "cnn": 0.5e12, "bn_cnn": 11e12}  # estimates for the fast profile
     assert shares(costs, 2) == {"dense": 1, "cnn": 1, "bn_cnn": 2}  # it would otherwise finish alone on one core
     assert shares(costs, 4) == {"dense": 1, "cnn": 1, "bn_cnn": 2}
@@ -137,8 +137,8 @@ def test_cpu_threads_follow_training_cost_and_use_every_core(flow_module) -> Non
     )
 
 
-def test_trainings_at_once_stay_within_a_thread_budget(flow_module) -> None:  # noqa: ANN001
-    plan = flow_module.training_plan
+def test_trainings_at_once_stay_within_a_thread_budget() -> None:
+    plan = steps.training_plan
     costs = {"bn_cnn": 11e12, "dense": 1.2e12, "cnn": 0.5e12}  # costliest first, as the flow orders them
     budget, threads = plan(costs, [0], 2)
     assert budget == 4 and threads == {("bn_cnn", 0): 2, ("dense", 0): 1, ("cnn", 0): 1}  # one seed: side by side
@@ -151,11 +151,11 @@ def test_trainings_at_once_stay_within_a_thread_budget(flow_module) -> None:  # 
     assert budget == 16 and sum(threads.values()) == 16  # all at once when the cores allow
 
 
-def test_training_queue_starts_trainings_in_ticket_order_within_its_budget(flow_module) -> None:  # noqa: ANN001
+def test_training_queue_starts_trainings_in_ticket_order_within_its_budget() -> None:
     import threading
     import time
 
-    queue, started, running, most = flow_module.TrainingQueue(budget=2), [], [0], [0]
+    queue, started, running, most = steps.TrainingQueue(budget=2), [], [0], [0]
     lock = threading.Lock()
 
     def train(ticket: int, cached: bool = False) -> None:
@@ -181,7 +181,7 @@ def test_training_queue_starts_trainings_in_ticket_order_within_its_budget(flow_
         thread.join(timeout=10)
     assert started == [0, 1, 3, 4, 5] and most[0] == 2  # ticket 2 was cached: it held nobody up
 
-    big = flow_module.TrainingQueue(budget=4)
+    big = steps.TrainingQueue(budget=4)
     with big.turn(0, threads=2), big.turn(1, threads=2):  # 2 + 2 threads fit a budget of 4 ...
         blocked = threading.Thread(target=lambda: big.turn(2, threads=1).__enter__())
         blocked.start()
