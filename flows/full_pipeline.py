@@ -163,6 +163,7 @@ def _train(network: str, seed: int, settings: PipelineSettings, data: dict, step
     retry_delay_seconds=exponential_backoff(backoff_factor=5),
     retry_condition_fn=retry_unless_bad_input,
     task_run_name="evaluate-{network}-seed{seed}",
+    log_prints=False,  # what the in-process CLI prints belongs in the step's log file (output_into), not the flow's
 )
 def evaluate_model(
     network: str, seed: int, trained: dict, settings: PipelineSettings, data: dict, steps_dir: str
