@@ -44,10 +44,10 @@ from fmnist_pl.networks import NETWORKS
 from fmnist_pl.report import build_report, markdown_with_embedded_figures
 from fmnist_pl.settings import PipelineSettings, add_settings_arguments, profile_config
 from fmnist_pl.steps import (
-    STOPPING,
     BadInputError,
     StepFailed,
     TrainingQueue,
+    begin_run,
     link,
     log_into,
     mark_dead_runs,
@@ -62,6 +62,7 @@ from fmnist_pl.steps import (
     step_key,
     step_lock,
     stop_children,
+    stopping,
     training_plan,
     training_queue,
 )
@@ -70,7 +71,7 @@ from fmnist_pl.steps import (
 def retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001
     """Prefect retry condition: retry what may pass on a second try (a download, a killed or crashed subprocess),
     never a rejected option, data file, checkpoint or machine."""
-    if STOPPING.is_set():  # the flow was told to stop: no second attempt
+    if stopping():  # the flow was told to stop: no second attempt
         return False
     try:
         state.result()
@@ -220,7 +221,7 @@ def training_cost(settings: PipelineSettings, network: str) -> float:
 def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # noqa: B008 - immutable, shown in the UI
     """Download → train → evaluate → report; returns the run folder."""
     settings.check_hardware()  # also where a served run lands: the worker's machine decides
-    STOPPING.clear()  # a new run in this process (an earlier one may have stopped)
+    begin_run()
     networks = settings.networks()
     configs = {network: network_config(settings, network) for network in networks}  # fails before any work
     output = Path(settings.output_dir).resolve()

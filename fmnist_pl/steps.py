@@ -50,6 +50,17 @@ class BadInputError(StepFailed):
 STOPPING = threading.Event()  # set when a flow run stops or fails: waiting trainings give up instead of starting
 
 
+def stopping() -> bool:
+    """Whether the flow run in this process is stopping (a function, not the Event itself, for the flow file:
+    `serve` pickles the flow's globals by value, and an Event holds a lock)."""
+    return STOPPING.is_set()
+
+
+def begin_run() -> None:
+    """A new flow run in this process: whatever stopped an earlier one no longer applies."""
+    STOPPING.clear()
+
+
 LIVE_CHILDREN: set[subprocess.Popen] = set()  # training subprocesses, stopped with the flow (see stop_on_signal)
 
 
@@ -334,11 +345,31 @@ def link(link_path: Path, target: Path) -> None:
     link_path.symlink_to(os.path.relpath(target, link_path.parent))
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc; elsewhere none): launchers such as torchrun start their workers in
+    sessions of their own, out of reach of a process-group kill."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def stop_process_group(process: subprocess.Popen) -> None:
-    """Kill a step's subprocess and everything it started (DDP ranks). SIGKILL: Lightning catches SIGTERM and trains
-    on; nothing is lost, the next run resumes from the last epoch's checkpoint."""
+    """Kill a step's subprocess and everything it started (DDP ranks, a launcher's workers). SIGKILL: Lightning
+    catches SIGTERM and trains on; nothing is lost, the next run resumes from the last epoch's checkpoint."""
+    below = descendants(process.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+    for pid in below:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     process.wait()
 
 

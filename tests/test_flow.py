@@ -98,8 +98,10 @@ def test_download_that_fails_once_succeeds_on_retry(
 def test_failed_step_is_recorded_with_its_reason(pipeline, tiny_data: Path, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="fit"):
         pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path, models=["cnn"], val_size=5000))
-    record = json.loads((tmp_path / "latest" / "run.json").read_text())
+    (record_file,) = tmp_path.glob("2*/run.json")
+    record = json.loads(record_file.read_text())
     assert record["status"] == "failed" and record["failed_step"] == "train-cnn-seed0"
+    assert not (tmp_path / "latest").exists()  # `latest` only ever points at a completed run
     assert "exit code 2" in record["error"]
     log = next((tmp_path / "steps").glob("train-cnn-seed0-*/train.log")).read_text()
     assert log.count("$ ") == 1  # a rejected option is not retried

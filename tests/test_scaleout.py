@@ -3,6 +3,7 @@ work-pool deployment from prefect.yaml, run by a worker. The README's scale-out 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import pytest
 from conftest import FLOW_FILE, N_TEST, tiny_args
 
 from fmnist_pl.settings import PipelineSettings
+from fmnist_pl.steps import descendants
 
 pytestmark = pytest.mark.integration  # several processes, a Prefect server
 REPO = FLOW_FILE.parents[1]
@@ -105,9 +107,12 @@ def test_two_node_ddp_with_torchrun_trains_on_every_rank_counts_each_test_image_
     deadline = time.monotonic() + 180
     while not last.is_file() and time.monotonic() < deadline:
         time.sleep(0.2)
-    for node in nodes:
-        os.killpg(node.pid, signal.SIGKILL)
+    for node in nodes:  # each node dies whole: the torchrun agent and its workers (in sessions of their own)
+        for pid in [node.pid, *descendants(node.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         node.wait()
+    time.sleep(1)
     assert last.is_file(), "the multi-node fit never wrote a checkpoint"
     done = len(pd.read_csv(tmp_path / "runs" / "long" / "history.csv"))
     assert done < 12, "it finished before it could be killed"
