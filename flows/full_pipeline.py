@@ -134,7 +134,7 @@ def _train(network: str, seed: int, settings: PipelineSettings, data: dict, step
     work = layout.TrainingFolder(layout.step_folder(Path(steps_dir), "train", network, seed, key))
     if finished := reuse_finished(work.path, f"{network} seed {seed} training"):
         return finished
-    with queue.turn(ticket, threads or 1), step_lock(work.path):  # its threads, in the planned order; its folder
+    with queue.turn(ticket, threads or 1), step_lock(work.path) as lock:  # its threads, in order; its folder
         if finished := reuse_finished(work.path, f"{network} seed {seed} training"):  # another run finished it
             return finished
         resume = work.last_checkpoint.is_file() and not set_aside_if_damaged(work.last_checkpoint)
@@ -148,6 +148,7 @@ def _train(network: str, seed: int, settings: PipelineSettings, data: dict, step
             work.log,
             env={"OMP_NUM_THREADS": str(threads)} if threads else None,
             launcher=settings.train_launcher or "",
+            keep_open=(lock.fileno(),),
         )  # fmt: skip
         result = {
             "network": network,
