@@ -116,7 +116,7 @@ def train_model(
     budget: int = 1, ticket: int = 0,
 ) -> dict:  # fmt: skip
     """`fmnist-pl fit` for one network and seed; cached on its inputs, resumed from last.ckpt after an interruption."""
-    queue = training_queue(str(flow_run.id), budget, os.cpu_count() or 1)
+    queue = training_queue(str(flow_run.id), budget)
     try:
         return _train(network, seed, settings, data, steps_dir, threads, queue, ticket)
     finally:

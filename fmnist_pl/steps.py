@@ -209,15 +209,12 @@ def set_aside_if_damaged(checkpoint: Path) -> bool:
 
 
 class TrainingQueue:
-    """Trainings in their planned order, within a budget of threads (each training costs its thread count), and
-    at most `cores` threads of multi-threaded trainings at once: one-thread trainings may fill in beside a
-    multi-threaded one, but two multi-threaded ones never oversubscribe the cores together. The flow's task
-    threads arrive in any order; ticket k starts only after every earlier ticket has started, been found cached,
-    or failed."""
+    """Trainings in their planned order, within a budget of threads (each training costs its thread count). The
+    flow's task threads arrive in any order; ticket k starts only after every earlier ticket has started, been
+    found cached, or failed."""
 
-    def __init__(self, budget: int, cores: int | None = None) -> None:
-        self.budget, self.cores = budget, cores or budget
-        self.running, self.running_multi, self.next, self.passed = 0, 0, 0, set()
+    def __init__(self, budget: int) -> None:
+        self.budget, self.running, self.next, self.passed = budget, 0, 0, set()
         self.changed = threading.Condition()
 
     def pass_turn(self, ticket: int) -> None:
@@ -228,36 +225,27 @@ class TrainingQueue:
                 self.next += 1
             self.changed.notify_all()
 
-    def _room(self, threads: int) -> bool:
-        if self.running == 0:
-            return True
-        multi = threads > 1 and self.running_multi + threads > self.cores
-        return self.running + threads <= self.budget and not multi
-
     @contextlib.contextmanager
     def turn(self, ticket: int, threads: int = 1) -> Iterator[None]:
-        multi = threads if threads > 1 else 0
-        with self.changed:  # a retried ticket (ticket < next) only waits for room
-            while not (self._room(threads) and ticket <= self.next):
+        with self.changed:  # a retried ticket (ticket < next) only waits for room in the budget
+            while not ((self.running == 0 or self.running + threads <= self.budget) and ticket <= self.next):
                 if STOPPING.is_set():
                     raise RuntimeError("the pipeline is stopping")
                 self.changed.wait(timeout=1)
             self.running += threads
-            self.running_multi += multi
         self.pass_turn(ticket)
         try:
             yield
         finally:
             with self.changed:
                 self.running -= threads
-                self.running_multi -= multi
                 self.changed.notify_all()
 
 
 @functools.cache
-def training_queue(flow_run_id: str, budget: int, cores: int) -> TrainingQueue:
+def training_queue(flow_run_id: str, budget: int) -> TrainingQueue:
     """The queue a flow run's trainings share."""
-    return TrainingQueue(budget, cores)
+    return TrainingQueue(budget)
 
 
 def on_cpu(accelerator: str) -> bool:
@@ -272,19 +260,17 @@ def on_cpu(accelerator: str) -> bool:
 def training_plan(costs: dict[str, float], seeds: list[int], cores: int) -> tuple[int, dict[tuple[str, int], int]]:
     """(thread budget, threads per (network, seed)) for trainings that share `cores` CPU cores.
 
-    All at once when there are no more trainings than cores. Otherwise as one seed's networks run side by side:
-    threads split by cost among them (on 2 cores bn_cnn 2, dense and cnn 1 each: 4 threads, which measured
-    fastest for the default pipeline), that many threads at once, later seeds as threads free up. TrainingQueue
-    adds the other rule: two multi-threaded trainings never share the cores (two 2-thread bn_cnn trainings side
-    by side on 2 cores took about 4.5 minutes per epoch each, against about 45 s for one alone).
+    All at once when there are no more trainings than cores. Otherwise each network gets the threads it would get
+    beside one seed's other networks (the costliest more), and no more threads than cores run at once: two
+    2-thread bn_cnn trainings side by side on 2 cores took about 4.5 minutes per epoch each, against about 45 s
+    for one alone. The costliest training runs first; later ones start as threads free up.
     """
     trainings = [(network, seed) for seed in seeds for network in costs]
     if len(trainings) <= cores:
-        threads = cpu_thread_shares({t: costs[t[0]] for t in trainings}, cores)
-        return sum(threads.values()), threads
+        return cores, cpu_thread_shares({t: costs[t[0]] for t in trainings}, cores)
     wave = cpu_thread_shares({t: costs[t[0]] for t in trainings[: max(cores, len(costs))]}, cores)
     per_network = {network: min(n for (m, _), n in wave.items() if m == network) for network in costs}
-    return sum(wave.values()), {(network, seed): per_network[network] for network, seed in trainings}
+    return cores, {(network, seed): per_network[network] for network, seed in trainings}
 
 
 def cpu_thread_shares(costs: dict, cores: int) -> dict:
