@@ -37,8 +37,8 @@ from prefect.tasks import exponential_backoff
 from fmnist_pl import __version__, layout
 from fmnist_pl.callbacks import forward_flops
 from fmnist_pl.cli import USER_ERRORS, quiet_known_warnings, run_cli
-from fmnist_pl.data import load_dataset
-from fmnist_pl.errors import ConfigError, DownloadError
+from fmnist_pl.data import check_headers, load_dataset
+from fmnist_pl.errors import ConfigError, DataError, DownloadError
 from fmnist_pl.io import write_text_atomic
 from fmnist_pl.networks import NETWORKS
 from fmnist_pl.report import build_report, markdown_with_embedded_figures
@@ -317,9 +317,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Pipel
         for network in settings.networks():
             network_config(settings, network)
         settings.check_hardware()
+        if settings.data_dir:  # a damaged file stops here, not after Prefect's server has started
+            check_headers(Path(settings.data_dir).expanduser())
     except pydantic.ValidationError as e:
         parser.error("; ".join(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}" for err in e.errors()))
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         parser.error(str(e))
     return args, settings
 

@@ -95,6 +95,24 @@ def read_idx(path: Path, kind: str, data: bytes | None = None) -> np.ndarray:
     return array
 
 
+def check_headers(directory: Path) -> None:
+    """A quick look at a named data folder before a pipeline starts anything: every IDX file there, gzip'd or not,
+    opens and starts with the right magic number. The full checks (sizes, checksums) come when the data loads."""
+    for stem, (_, kind, _, _) in OFFICIAL_FILES.items():
+        path = _file_in(directory, stem)
+        if path is None:
+            continue  # locate_dataset names missing files, with the fix
+        try:
+            with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+                head = f.read(4)
+        except (OSError, EOFError) as e:
+            raise DataError(
+                f"{path}: cannot be read ({e}); the file is truncated or corrupt, copy or download it again"
+            ) from e
+        if len(head) < 4 or int.from_bytes(head, "big") != IDX_MAGIC[kind]:
+            raise DataError(f"{path}: not an IDX {kind} file (wrong magic number); is it the right file?")
+
+
 def _file_in(directory: Path, stem: str) -> Path | None:
     for name in (stem, stem + ".gz"):
         if (directory / name).is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -239,6 +240,21 @@ def tiny_settings(data: Path, out: Path, **overrides) -> PipelineSettings:
     base = {"data_dir": str(data), "require_official": False, "val_size": 100, "epochs": 1, "accelerator": "cpu",
             "output_dir": str(out), "models": ["dense"]}  # fmt: skip
     return PipelineSettings(**{**base, **overrides})
+
+
+def test_damaged_data_files_stop_the_pipeline_before_it_starts(
+    tiny_data: Path, capsys: pytest.CaptureFixture, flow_module
+) -> None:  # noqa: ANN001
+    (tiny_data / "t10k-labels-idx1-ubyte.gz").write_bytes(os.urandom(300))
+    with pytest.raises(SystemExit) as exit_:
+        flow_module.parse_args(["--data-dir", str(tiny_data)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "t10k-labels-idx1-ubyte.gz: cannot be read" in err[0]
+    (tiny_data / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + bytes(20)))
+    with pytest.raises(SystemExit):
+        flow_module.parse_args(["--data-dir", str(tiny_data)])
+    assert "t10k-labels-idx1-ubyte.gz: not an IDX labels file" in capsys.readouterr().err
 
 
 @pytest.mark.integration
