@@ -54,9 +54,12 @@ def _read_bytes(path: Path) -> bytes:
                 return f.read()
         return path.read_bytes()
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut-off .gz raises EOFError
-        raise DataError(
-            f"{path}: cannot be read ({e}); the file is truncated or corrupt, copy or download it again"
-        ) from e
+        raise unreadable(path, e) from e
+
+
+def unreadable(path: Path, error: Exception) -> DataError:
+    """The error for a data file that cannot be opened or decompressed."""
+    return DataError(f"{path}: cannot be read ({error}); the file is truncated or corrupt, copy or download it again")
 
 
 def read_idx(path: Path, kind: str, data: bytes | None = None) -> np.ndarray:
@@ -106,9 +109,7 @@ def check_headers(directory: Path) -> None:
             with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
                 head = f.read(4)
         except (OSError, EOFError) as e:
-            raise DataError(
-                f"{path}: cannot be read ({e}); the file is truncated or corrupt, copy or download it again"
-            ) from e
+            raise unreadable(path, e) from e
         if len(head) < 4 or int.from_bytes(head, "big") != IDX_MAGIC[kind]:
             raise DataError(f"{path}: not an IDX {kind} file (wrong magic number); is it the right file?")
 

@@ -61,7 +61,7 @@ def begin_run() -> None:
     STOPPING.clear()
 
 
-LIVE_CHILDREN: set[subprocess.Popen] = set()  # training subprocesses, stopped with the flow (see stop_on_signal)
+LIVE_CHILDREN: set[subprocess.Popen] = set()  # training subprocesses, stopped with the flow (stop_children)
 
 
 def run_cli_subprocess(
