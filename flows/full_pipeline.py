@@ -12,6 +12,7 @@ options, config file and data checksums; an interrupted training step resumes fr
 # No `from __future__ import annotations`: Prefect builds the flow's parameter model from the real annotations,
 # and a served run cannot resolve them from strings.
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.settings import (
+    PREFECT_API_URL,
     PREFECT_SERVER_ANALYTICS_ENABLED,
     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
     temporary_settings,
@@ -37,10 +39,12 @@ from prefect.tasks import exponential_backoff
 from fmnist_pl import __version__, layout
 from fmnist_pl.callbacks import forward_flops
 from fmnist_pl.cli import USER_ERRORS, quiet_known_warnings, run_cli
-from fmnist_pl.data import check_headers, load_dataset
+from fmnist_pl.data import check_headers, default_cache_dir, load_dataset, locate_dataset, missing_files
 from fmnist_pl.errors import ConfigError, DataError, DownloadError
-from fmnist_pl.io import write_text_atomic
+from fmnist_pl.hardware import on_cpu
+from fmnist_pl.io import PlaceError, check_writable, place_error, write_record_on_failure, write_text_atomic
 from fmnist_pl.networks import NETWORKS
+from fmnist_pl.prefect_server import temporary_server
 from fmnist_pl.report import build_report, markdown_with_embedded_figures
 from fmnist_pl.settings import PipelineSettings, add_settings_arguments, profile_config
 from fmnist_pl.steps import (
@@ -53,12 +57,12 @@ from fmnist_pl.steps import (
     mark_dead_runs,
     mark_finished,
     new_run_dir,
-    on_cpu,
     output_into,
     point_latest_at,
     reuse_finished,
     run_cli_subprocess,
     set_aside_if_damaged,
+    set_aside_stale_checkpoints,
     step_key,
     step_lock,
     stop_children,
@@ -79,9 +83,20 @@ def retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001
         return True
     except (BadInputError, *USER_ERRORS):
         return False
+    except OSError as e:  # a full disk or a read-only folder stays so on a second try
+        return place_error(e) is None
     except Exception:
         return True
     return True
+
+
+@contextlib.contextmanager
+def raising_place_errors(folder: Path):  # noqa: ANN201
+    """Turn a full disk or a read-only folder met while writing into `folder` into the one-line error naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise (place_error(e, folder) or e) from e
 
 
 def network_config(settings: PipelineSettings, network: str) -> Path:
@@ -100,7 +115,8 @@ def download_data(data_dir: str | None, require_official: bool) -> dict:
     get_run_logger().info(f"Fashion-MNIST from {tensors.source_dir}, verified")
     return {
         "source_dir": tensors.source_dir,
-        "sha256": tensors.sha256,
+        # The decoded tensors' own checksum beside the files': a step's key then names the data it was trained on.
+        "sha256": {**tensors.sha256, "decoded": tensors.digest()},
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -128,16 +144,19 @@ def _train(network: str, seed: int, settings: PipelineSettings, data: dict, step
     logger = get_run_logger()
     config = network_config(settings, network)
     # The key holds what decides the result: the options (less the data's folder: its checksums stand in),
-    # the seed, the config's text and the code's version. Thread counts and the launcher change how, not what.
+    # the seed, the config's text, the code's version and the CPU threads (they change a convolution's sums).
+    # The launcher changes how, not what.
     key = step_key(step="train", network=network, seed=seed, config=config.read_text(), data=data["sha256"],
-                   version=__version__, options=settings.cli_options(data_dir=None))  # fmt: skip
+                   version=__version__, options=settings.cli_options(data_dir=None), threads=threads)  # fmt: skip
     work = layout.TrainingFolder(layout.step_folder(Path(steps_dir), "train", network, seed, key))
     if finished := reuse_finished(work.path, f"{network} seed {seed} training"):
         return finished
-    with queue.turn(ticket, threads or 1), step_lock(work.path) as lock:  # its threads, in order; its folder
+    with queue.turn(ticket, threads or 1), step_lock(work.path) as lock, raising_place_errors(work.path):
         if finished := reuse_finished(work.path, f"{network} seed {seed} training"):  # another run finished it
             return finished
         resume = work.last_checkpoint.is_file() and not set_aside_if_damaged(work.last_checkpoint)
+        if not resume:  # an earlier attempt's best.ckpt must never be what this training's evaluation loads
+            set_aside_stale_checkpoints(work.best_checkpoint.parent)
         logger.info(f"training{' (resuming)' if resume else ''}{f' on {threads} thread(s)' if threads else ''}; "
                     f"log: {work.log}")  # fmt: skip
         started = time.perf_counter()
@@ -186,10 +205,12 @@ def evaluate_model(
                   "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
         started = time.perf_counter()
         # In this process (one device, so no DDP launcher is involved): saves three interpreter start-ups.
-        with output_into(work.log):
+        with output_into(work.log), raising_place_errors(work.path):
             run_cli(["test", *common, *log_into(work.test)])
-            for split in ("test", "train"):
-                run_cli(["predict", *common, f"--data.predict_split={split}", *log_into(work.predict(split))])
+            run_cli(["predict", *common, "--data.predict_split=test", *log_into(work.predict("test"))])
+            # The report's training-set confusion matrix needs no test-time augmentation: half the cost, once.
+            run_cli(["predict", *common, "--data.predict_split=train", "--model.test_time_flip=false",
+                     *log_into(work.predict("train"))])  # fmt: skip
         result = {"network": network, "seed": seed, "dir": str(work.path), "train_dir": trained["dir"],
                   "wall_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
         return mark_finished(work.path, result, [work.test_metrics, work.confusion_test,
@@ -251,7 +272,7 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
             result = future.result() if hasattr(future, "result") else future
         except Exception as e:
             record.update(status="failed", failed_step=step, error=f"{type(e).__name__}: {e}")
-            write_text_atomic(run.record, json.dumps(record, indent=2) + "\n")
+            write_record_on_failure(run.record, json.dumps(record, indent=2) + "\n")
             raise
         record["steps"][step] = result
         write_text_atomic(run.record, json.dumps(record, indent=2) + "\n")
@@ -260,14 +281,15 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
     try:
         data = finish("download", download_data.submit(settings.data_dir, settings.require_official))
         # Costliest network first within each seed: the longest training starts first and sets the pace.
-        costs = dict(sorted(((n, training_cost(settings, n)) for n in networks), key=lambda item: -item[1]))
+        profile_costs = {n: training_cost(settings, n) for n in PipelineSettings(profile=settings.profile).networks()}
+        costs = dict(sorted(((n, profile_costs[n]) for n in networks), key=lambda item: -item[1]))
         budget, threads = len(networks) * len(settings.seeds), {}
         if on_cpu(settings.accelerator) and settings.devices in ("auto", "1"):
             # Independent trainings on CPU: each its share of the cores, rather than all of them oversubscribing
-            # every core, and no more threads at once than the plan allows.
-            budget, threads = training_plan(costs, settings.seeds, os.cpu_count() or 1)
+            # every core, and no more threads at once than the cores.
+            budget, threads = os.cpu_count() or 1, training_plan(profile_costs, os.cpu_count() or 1)
         runs = [(network, seed) for seed in settings.seeds for network in costs]
-        trainings = {(n, s): train_model.submit(n, s, settings, data, steps_dir, threads.get((n, s)), budget, ticket)
+        trainings = {(n, s): train_model.submit(n, s, settings, data, steps_dir, threads.get(n), budget, ticket)
                      for ticket, (n, s) in enumerate(runs)}  # fmt: skip
         evaluations = {(n, s): evaluate_model.submit(n, s, trainings[n, s], settings, data, steps_dir) for n, s in runs}
         trained = {(n, s): finish(layout.step_name("train", n, s), trainings[n, s]) for n, s in runs}
@@ -280,7 +302,7 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
         stop_children()
         if record["status"] == "running":
             record.update(status="stopped", error=f"{type(e).__name__}: {e}")
-            write_text_atomic(run.record, json.dumps(record, indent=2) + "\n")
+            write_record_on_failure(run.record, json.dumps(record, indent=2) + "\n")
         raise
     record.update(status="completed", finished=datetime.now().isoformat())
     write_text_atomic(run.record, json.dumps(record, indent=2) + "\n")
@@ -317,17 +339,36 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Pipel
         for network in settings.networks():
             network_config(settings, network)
         settings.check_hardware()
-        if settings.data_dir:  # a damaged file stops here, not after Prefect's server has started
-            check_headers(Path(settings.data_dir).expanduser())
+        check_writable(settings.output_dir)  # a full or read-only output folder, before Prefect's server starts
+        check_data(settings)  # missing, truncated or damaged files and --val-size, not after Prefect has started
     except pydantic.ValidationError as e:
         parser.error("; ".join(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}" for err in e.errors()))
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, PlaceError) as e:
         parser.error(str(e))
     return args, settings
 
 
+def check_data(settings: PipelineSettings) -> None:
+    """The data checks the pipeline can make in a second, in its own options' words: the named --data-dir (or the
+    local copy the run would use) holds the four files, each as long as its header says, and --val-size leaves
+    training images. The checksums are checked when the data loads."""
+    folder = Path(settings.data_dir).expanduser() if settings.data_dir else None
+    if folder is None:
+        try:  # the copy the run would use, if there is one here; else the download, checked when it arrives
+            folder = locate_dataset(None, default_cache_dir(), download=False)
+        except DataError:
+            return
+    if missing := missing_files(folder):
+        raise DataError(f"--data-dir {folder} lacks {', '.join(missing)} (.gz or not); put the Fashion-MNIST IDX "
+                        "files there, or leave --data-dir out to use a local copy or the download")  # fmt: skip
+    training_images = check_headers(folder)["train-labels-idx1-ubyte"]
+    if settings.val_size and settings.val_size >= training_images:
+        raise ConfigError(f"--val-size {settings.val_size} leaves no training images ({folder} has "
+                          f"{training_images:,}); choose fewer validation images")  # fmt: skip
+
+
 def prefect_defaults() -> dict:
-    """Settings for Prefect's temporary local server, where the user has not set them."""
+    """Settings for Prefect's local server, where the user has not set them."""
     defaults = {
         # Analytics race the temporary server's fresh database and print a `database is locked` traceback.
         PREFECT_SERVER_ANALYTICS_ENABLED: False,
@@ -335,6 +376,19 @@ def prefect_defaults() -> dict:
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120,
     }
     return {setting: value for setting, value in defaults.items() if setting.name not in os.environ}
+
+
+@contextlib.contextmanager
+def prefect_api(output_dir: str):  # noqa: ANN201
+    """The user's Prefect server where PREFECT_API_URL names one, else a temporary one that this run owns."""
+    with temporary_settings(updates=prefect_defaults()):
+        if PREFECT_API_URL.value():
+            yield
+            return
+        with temporary_server(Path(output_dir) / ".prefect-server.log") as url, \
+                temporary_settings(updates={PREFECT_API_URL: url}):  # fmt: skip
+            print(f"fmnist-pl pipeline: temporary Prefect server on {url} (no PREFECT_API_URL set)")
+            yield
 
 
 class OneLineFailures(logging.Filter):
@@ -349,6 +403,8 @@ class OneLineFailures(logging.Filter):
                 return False  # the flow repeating its failed step's error: the step has said it
         if record.name == "prefect.flow_runs" and record.getMessage().startswith("Finished in state Failed("):
             return False  # main() ends with the reason in one line; the UI shows the flow's state anyway
+        if stopping() and record.getMessage().startswith("Finished in state Failed("):
+            return False  # a step the flow itself stopped (Ctrl-C, kill): the closing line says so
         if record.getMessage().startswith("Finished in state NotReady("):
             return False  # a step that never started because the one before it failed: said already
             record.exc_info, record.exc_text = None, None
@@ -369,13 +425,23 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(OneLineFailures())
     signal.signal(signal.SIGTERM, stop_on_signal)
-    with temporary_settings(updates=prefect_defaults()):
-        if args.command == "serve":
+    # Ctrl-C reaches every process of the terminal's group: the flow stops its trainings itself, as for `kill`, and
+    # the trainings ignore it (they are stopped by the flow) instead of each printing its own traceback.
+    signal.signal(signal.SIGINT, stop_on_signal)
+    if args.command == "serve":
+        with temporary_settings(updates=prefect_defaults()):  # serving keeps Prefect's own server choice
             full_pipeline.serve(name=args.name, cron=args.cron, parameters={"settings": settings.model_dump()})
-            return
+        return
+    with prefect_api(settings.output_dir):
         try:
             run_dir = Path(full_pipeline(settings))
+        except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C or `kill`: the flow has stopped its trainings
+            stop_children()
+            print("fmnist-pl pipeline stopped; run the same command again to resume from the last finished epoch",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130)
         except Exception as e:  # Prefect has logged what it needs to; end with the one line that matters
+            e = place_error(e, settings.output_dir) or e
             permanent = isinstance(e, (*USER_ERRORS, BadInputError))
             print(f"fmnist-pl pipeline failed: {e}", file=sys.stderr)
             sys.exit(2 if permanent else 1)

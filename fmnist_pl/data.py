@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,7 @@ OFFICIAL_FILES = {
     "t10k-labels-idx1-ubyte": ("test", "labels", 10_000, "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
 }  # fmt: skip
 IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # uint8 data, 3 resp. 1 dimensions
-CACHE_FORMAT = 1  # bump when the cached tensors' layout changes
+CACHE_FORMAT = 2  # bump when the cached tensors' layout changes
 
 
 def default_cache_dir() -> Path:
@@ -98,20 +100,41 @@ def read_idx(path: Path, kind: str, data: bytes | None = None) -> np.ndarray:
     return array
 
 
-def check_headers(directory: Path) -> None:
-    """A quick look at a named data folder before a pipeline starts anything: every IDX file there, gzip'd or not,
-    opens and starts with the right magic number. The full checks (sizes, checksums) come when the data loads."""
+def check_headers(directory: Path) -> dict[str, int]:
+    """A quick look at a data folder before a pipeline starts anything: every IDX file there, gzip'd or not, opens,
+    starts with the right magic number and is as long as its header says (a .gz file's trailer holds its
+    decompressed length, so nothing is decompressed). Returns each file's item count. The full checks (content
+    checksums) come when the data loads."""
+    counts = {}
     for stem, (_, kind, _, _) in OFFICIAL_FILES.items():
         path = _file_in(directory, stem)
         if path is None:
             continue  # locate_dataset names missing files, with the fix
         try:
             with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-                head = f.read(4)
+                head = f.read(8)
+            if path.suffix == ".gz":
+                with open(path, "rb") as f:
+                    f.seek(-4, os.SEEK_END)
+                    length = int.from_bytes(f.read(4), "little")  # ISIZE: the decompressed length mod 2**32
+            else:
+                length = path.stat().st_size
         except (OSError, EOFError) as e:
             raise unreadable(path, e) from e
-        if len(head) < 4 or int.from_bytes(head, "big") != IDX_MAGIC[kind]:
+        if len(head) < 8 or int.from_bytes(head[:4], "big") != IDX_MAGIC[kind]:
             raise DataError(f"{path}: not an IDX {kind} file (wrong magic number); is it the right file?")
+        count = int.from_bytes(head[4:8], "big")
+        expected = (16 + count * IMAGE_SIZE * IMAGE_SIZE if kind == "images" else 8 + count) % 2**32
+        if length != expected:
+            raise DataError(f"{path}: header says {count:,} {kind} but the file holds {length:,} bytes, not "
+                            f"{expected:,}; it is truncated or corrupt, copy or download it again")  # fmt: skip
+        counts[stem] = count
+    return counts
+
+
+def missing_files(directory: Path) -> list[str]:
+    """The Fashion-MNIST files (.gz or not) that `directory` lacks."""
+    return [stem for stem in OFFICIAL_FILES if _file_in(directory, stem) is None]
 
 
 def _file_in(directory: Path, stem: str) -> Path | None:
@@ -145,8 +168,7 @@ def locate_dataset(data_dir: str | Path | None, cache_dir: Path, download: bool)
     named = data_dir or os.environ.get(DATA_DIR_ENV)
     if named:
         directory = Path(named).expanduser()
-        missing = [stem for stem in OFFICIAL_FILES if _file_in(directory, stem) is None]
-        if missing:
+        if missing := missing_files(directory):
             raise DataError(
                 f"{directory} lacks {', '.join(missing)} (.gz or not); put the Fashion-MNIST IDX files there "
                 f"or unset --data.data_dir / ${DATA_DIR_ENV} to use a local copy or the download"
@@ -174,6 +196,13 @@ class FashionMNISTTensors:
     test_labels: torch.Tensor
     source_dir: str
     sha256: dict[str, str]  # file stem -> SHA-256 of its decompressed bytes
+
+    def digest(self) -> str:
+        """SHA-256 of the decoded tensors' bytes (about 50 MB: tens of milliseconds)."""
+        hasher = hashlib.sha256()
+        for tensor in (self.train_images, self.train_labels, self.test_images, self.test_labels):
+            hasher.update(tensor.contiguous().numpy())
+        return hasher.hexdigest()
 
 
 def decode_dataset(directory: Path, require_official: bool) -> FashionMNISTTensors:
@@ -234,48 +263,88 @@ def load_dataset(
     directory = locate_dataset(data_dir, cache_dir, download)
     cache = _cache_path(directory, cache_dir, require_official)
     if cache.is_file():
-        try:
-            return FashionMNISTTensors(**torch.load(cache, weights_only=True))
-        except Exception:  # a cache from another version or a damaged one: decode again below
-            pass
+        if (tensors := _read_verified_cache(cache)) is not None:
+            return tensors
+        logging.getLogger(__name__).warning(
+            f"{cache}: the decoded-data cache fails its checksum (damaged or from another version); "
+            f"decoding {directory} again"
+        )
     tensors = decode_dataset(directory, require_official)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(cache) as tmp:
-        torch.save(vars(tensors), tmp)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(cache) as tmp:
+            torch.save({**vars(tensors), "digest": tensors.digest()}, tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        logging.getLogger(__name__).warning(
+            f"{cache.parent}: cannot write the decoded-data cache there ({str(e).splitlines()[0][:120]}); "
+            "going on without it (each run decodes the files again)"
+        )
     return tensors
 
 
+def _read_verified_cache(cache: Path) -> FashionMNISTTensors | None:
+    """The cached tensors if their bytes still hash to the digest stored with them, else None. A flipped byte in
+    the cache would otherwise be trained on while the source files' checksums say all is well."""
+    try:
+        stored = torch.load(cache, weights_only=True)
+        digest = stored.pop("digest")
+        tensors = FashionMNISTTensors(**stored)
+    except Exception:  # damaged beyond loading, or written by another version: decode again
+        return None
+    return tensors if tensors.digest() == digest else None
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
 def load_predict_images(path: str | Path) -> tuple[torch.Tensor, list[str] | None]:
-    """Images to classify: an IDX images file (.gz or not) or a folder of 28×28 grayscale PNG/JPEG files; with
-    the image files' names (None for an IDX file, whose images are known by their index)."""
+    """Images to classify: an IDX images file (.gz or not), one 28×28 grayscale PNG/JPEG file or a folder of them;
+    with the image files' names (None for an IDX file, whose images are known by their index)."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES:
         return torch.from_numpy(read_idx(path, "images").copy()), None
-    if not path.is_dir():
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no .png or .jpg images to predict on")
+    else:
         raise DataError(f"{path}: no such file or folder to predict on")
+    return torch.from_numpy(np.stack([read_image(file) for file in files])), [file.name for file in files]
+
+
+def read_image(file: Path) -> np.ndarray:
+    """One 28×28 image as grayscale uint8; its size is checked from the header, before any pixel is decoded, so a
+    huge image (a decompression bomb) costs nothing and warns nothing."""
     from PIL import Image
 
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
-    if not files:
-        raise DataError(f"{path}: no .png or .jpg images to predict on")
-    images = []
-    for file in files:
-        try:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(file)
-            image.load()
-        except OSError as e:
-            raise DataError(f"{file}: not a readable image ({e})") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{file}: image is far too large ({e.args[0].split('(')[0].strip()}); "
+                        "the networks take 28×28") from e  # fmt: skip
+    except OSError as e:
+        raise DataError(f"{file}: not a readable image ({e})") from e
+    with image:
         if image.size != (IMAGE_SIZE, IMAGE_SIZE):
             raise DataError(f"{file}: image is {image.size[0]}×{image.size[1]}, the networks take 28×28")
-        images.append(np.asarray(image.convert("L"), dtype=np.uint8))
-    return torch.from_numpy(np.stack(images)), [file.name for file in files]
+        try:
+            return np.asarray(image.convert("L"), dtype=np.uint8)
+        except OSError as e:  # a header that promises more pixels than the file holds
+            raise DataError(f"{file}: not a readable image ({e})") from e
 
 
-def shift_and_flip(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random horizontal flips and shifts of up to `max_shift` pixels (0: flips only), per image (B×1×28×28 in,
-    same out), on the images' device with a generator of that device."""
+def shift_and_flip(
+    images: torch.Tensor, generator: torch.Generator, max_shift: int = 2, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Horizontal flips (random, or where the boolean `flip` says) and random shifts of up to `max_shift` pixels
+    (0: flips only), per image (B×1×28×28 in, same out), on the images' device with a generator of that device."""
     n, device = images.shape[0], images.device
-    flip = torch.rand(n, generator=generator, device=device) < 0.5
+    if flip is None:
+        flip = torch.rand(n, generator=generator, device=device) < 0.5
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     if max_shift == 0:
         return images
@@ -302,6 +371,7 @@ class ShardedBatches(IterableDataset):
         shuffle: bool,
         augment: bool = False,
         max_shift: int = 2,
+        alternating_flips: bool = False,
         seed: int = 0,
         epoch: Callable[[], int] = lambda: 0,
         rank: int = 0,
@@ -309,6 +379,7 @@ class ShardedBatches(IterableDataset):
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.augment, self.max_shift = batch_size, shuffle, augment, max_shift
+        self.alternating_flips = alternating_flips
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
 
     def _indices(self) -> torch.Tensor:
@@ -321,6 +392,13 @@ class ShardedBatches(IterableDataset):
             return torch.randperm(n, generator=generator)[self.rank * per_rank : (self.rank + 1) * per_rank]
         return torch.arange(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
 
+    def alternating_flip_plan(self) -> torch.Tensor:
+        """Which images are mirrored this epoch: a random half in the first epoch (drawn from the seed alone), then
+        every image the other way round from the epoch before. Each pair of epochs shows every image both ways,
+        which random flips leave to chance (airbench: fewer epochs to the same accuracy)."""
+        first_epoch = torch.rand(len(self.labels), generator=torch.Generator().manual_seed(self.seed)) < 0.5
+        return first_epoch ^ bool(self.epoch() % 2)
+
     def __len__(self) -> int:
         n = len(self.labels)
         per_rank = (
@@ -332,11 +410,12 @@ class ShardedBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch()) * 1_009 + self.rank)
+        flips = self.alternating_flip_plan() if self.augment and self.alternating_flips else None
         for batch in self._indices().split(self.batch_size):
             # uint8 -> float per batch: a quarter of the memory traffic of gathering from a float copy.
             images = self.images[batch].unsqueeze(1).float().div_(255)
             if self.augment:
-                images = shift_and_flip(images, generator, self.max_shift)
+                images = shift_and_flip(images, generator, self.max_shift, None if flips is None else flips[batch])
             yield images, self.labels[batch]
 
 
@@ -354,6 +433,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         eval_batch_size: int = 1_000,
         augment: bool = False,
         max_shift: int = 2,
+        alternating_flips: bool = False,
         predict_split: Literal["test", "train", "val"] = "test",
         predict_path: str | None = None,
     ) -> None:
@@ -368,6 +448,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         eval_batch_size: batch size for validation, test and predict.
         augment: random horizontal flips and shifts of training images.
         max_shift: with augment, shift by up to this many pixels in each direction (0: flips only).
+        alternating_flips: with augment, mirror each image in every other epoch (a random half first) instead of
+            flipping each image at random every epoch.
         predict_split: which split `predict` classifies when no `predict_path` is given.
         predict_path: images for `predict` (IDX images file or folder of 28×28 PNGs) instead of a split.
         """
@@ -410,6 +492,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
             shuffle=train,
             augment=train and self.hparams.augment,
             max_shift=self.hparams.max_shift,
+            alternating_flips=self.hparams.alternating_flips,
             # seed_everything() records its seed here, and DDP workers inherit it: one seed option for all.
             seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
             epoch=lambda: trainer.current_epoch if trainer is not None else 0,
@@ -417,6 +500,12 @@ class FashionMNISTDataModule(L.LightningDataModule):
             world_size=trainer.world_size if trainer is not None else 1,
         )
         return DataLoader(batches, batch_size=None)  # the dataset yields whole batches
+
+    def train_images_sample(self, count: int) -> torch.Tensor:
+        """The first `count` training images (after the validation split), count×1×28×28 in [0, 1], unaugmented:
+        what data-derived layers (bn_cnn's whitening) are computed from."""
+        val = self.hparams.val_size
+        return self.tensors.train_images[val : val + count].unsqueeze(1).float().div(255)
 
     def train_dataloader(self) -> DataLoader:
         val = self.hparams.val_size

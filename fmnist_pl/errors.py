@@ -15,3 +15,8 @@ class DataError(FmnistError):
 
 class DownloadError(DataError):
     """The official download failed (no network, a mirror down): unlike the other errors, a retry may pass."""
+
+
+class TrainingDiverged(FmnistError):
+    """The loss became non-finite or exploded: the settings (a learning rate too high) need changing; a retry with
+    the same settings diverges again."""

@@ -274,9 +274,13 @@ def plot_accuracy_against_cost(results: dict, path: Path) -> None:
 def build_report(run_dir: Path) -> dict:
     """Write report.md, report.html, summary.json, figures/ and tables/ into `run_dir`; return the summary."""
     run = RunFolder(Path(run_dir).resolve())  # `outputs/latest` names the run it points at
-    record = json.loads(_read(run.record, "run record (run.json)").read_text())
-    steps, settings = record["steps"], record["settings"]
-    networks, seeds = record["networks"], record.get("seeds", [0])
+    try:
+        record = json.loads(_read(run.record, "run record (run.json)").read_text())
+        steps, settings = record["steps"], record["settings"]
+        networks, seeds = record["networks"], record.get("seeds", [0])
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, cut off, or not a run record
+        raise DataError(f"{run.record} is damaged or not a pipeline run record ({type(e).__name__}: {e}); "
+                        "run the pipeline again to write a new run") from e  # fmt: skip
     missing = [step_name(kind, network, seed) for network in networks for seed in seeds
                for kind in ("train", "evaluate") if step_name(kind, network, seed) not in steps]  # fmt: skip
     if "download" not in steps or missing:

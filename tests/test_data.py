@@ -140,6 +140,30 @@ def test_decoded_tensors_are_cached_and_invalidated_when_a_file_changes(
     assert torch.equal(load_dataset(tiny_data, require_official=False).test_labels, first.test_labels)
 
 
+@pytest.mark.parametrize("damage", ["quarter of 0xFF", "one byte"])
+def test_a_damaged_cache_is_detected_rebuilt_and_never_trained_on(
+    tiny_data: Path, isolated_cache: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    first = load_dataset(tiny_data, require_official=False)
+    (cache,) = (isolated_cache / "fmnist_pl").glob("decoded-*.pt")
+    raw = bytearray(cache.read_bytes())
+    if damage == "one byte":  # inside the training images: the zip archive still loads
+        at = raw.index(first.train_images.numpy().tobytes()[:64]) + 1000
+        raw[at] ^= 0xFF
+    else:  # as reported: a quarter of the file overwritten, the size kept
+        start = len(raw) // 2
+        raw[start : start + len(raw) // 4] = b"\xff" * (len(raw) // 4)
+    cache.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING", logger="fmnist_pl.data"):
+        again = load_dataset(tiny_data, require_official=False)
+    assert torch.equal(again.train_images, first.train_images) and torch.equal(again.test_images, first.test_images)
+    assert [r.getMessage() for r in caplog.records if "checksum" in r.getMessage()] != []
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fmnist_pl.data"):
+        load_dataset(tiny_data, require_official=False)  # the rebuilt cache verifies: no second warning
+    assert not caplog.records
+
+
 def test_split_takes_the_first_val_size_images_for_validation(tiny_data: Path) -> None:
     module = FashionMNISTDataModule(data_dir=str(tiny_data), require_official=False, val_size=100, batch_size=64)
     module.setup("fit")

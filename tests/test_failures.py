@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -339,8 +340,9 @@ def test_two_identical_runs_into_one_output_folder_train_each_step_once(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("how", ["kill PID", "Ctrl-C"])
 def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
-    pipeline, tiny_data: Path, tmp_path: Path
+    pipeline, tiny_data: Path, tmp_path: Path, how: str
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # its own temporary server
     args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size", "100",
@@ -352,7 +354,10 @@ def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
         while not list(tmp_path.glob("steps/train-dense-*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert list(tmp_path.glob("steps/train-dense-*/checkpoints/last.ckpt")), "training never got going"
-        flow.send_signal(signal.SIGTERM)  # the flow's PID only, as `kill PID` does
+        if how == "kill PID":
+            flow.send_signal(signal.SIGTERM)  # the flow's PID only, as `kill PID` does
+        else:
+            os.killpg(flow.pid, signal.SIGINT)  # every process of the group, as a terminal's Ctrl-C does
         output = flow.communicate(timeout=60)[0]
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # the training and the temporary server went with it
@@ -369,9 +374,10 @@ def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
         except ProcessLookupError:
             pass
     (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("2*/run.json")]
-    assert record["status"] == "stopped" and flow.returncode != 0
+    assert record["status"] == "stopped" and flow.returncode == {"kill PID": 143, "Ctrl-C": 130}[how]
     assert not (tmp_path / "latest").exists()  # a stopped run never becomes `latest`
-    assert "Traceback" not in output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert output.strip().splitlines()[-1].startswith("fmnist-pl pipeline stopped; run the same command again")
 
     # The next run resumes the interrupted training; its history is continuous.
     run = Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, epochs=40)))
@@ -382,3 +388,237 @@ def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
         N_TEST
         == json.loads((run / "dense" / "seed-0" / "evaluate" / "test" / "test_metrics.json").read_text())["images"]
     )
+
+
+@pytest.mark.integration
+def test_a_flow_killed_outright_leaves_no_prefect_server_behind(tiny_data: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # its own temporary server
+    args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size", "100",
+            "--accelerator", "cpu", "--output-dir", str(tmp_path), "--models", "dense", "--epochs", "40"]  # fmt: skip
+    flow = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = flow.stdout.readline()
+        while "temporary Prefect server on" not in first:
+            assert first, "the flow ended before it started its server"
+            first = flow.stdout.readline()
+        port = first.split("127.0.0.1:")[1].split("/")[0]
+        server = [int(pid) for pid in os.listdir("/proc") if pid.isdigit()
+                  and f"--port\0{port}\0" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]  # fmt: skip
+        assert len(server) == 1
+        flow.kill()  # SIGKILL: nothing in the flow can react
+        flow.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{server[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status = Path(f"/proc/{server[0]}/status")
+        assert not status.exists() or "zombie" in status.read_text(), "the server outlived its flow"
+    finally:
+        if flow.poll() is None:
+            flow.kill()
+
+
+# ---- training that diverges stops, in one line, before its epoch is checkpointed ---------------------------------
+
+
+@pytest.mark.parametrize(("train_loss", "val_loss", "val_accuracy", "stops"), [
+    (float("nan"), 2.3, 0.09, True), (0.5, float("inf"), 0.8, True),  # not finite
+    (1412.0, 900.0, 0.10, True),  # exploded: far above a uniform guess's 2.30, at chance
+    (30.0, 2.0, 0.60, False), (2.2, 2.2, 0.12, False),  # high but learning; slow but not exploding
+])  # fmt: skip
+def test_divergence_rule(train_loss: float, val_loss: float, val_accuracy: float, stops: bool) -> None:
+    from fmnist_pl.errors import TrainingDiverged
+    from fmnist_pl.module import FashionMNISTClassifier
+
+    module = FashionMNISTClassifier("dense", learning_rate=1000.0)
+    module._train_epoch = (0, train_loss, 0.1)
+    module.epoch_results["val"] = {"loss": val_loss, "accuracy": val_accuracy}
+    if stops:
+        with pytest.raises(TrainingDiverged, match=r"diverged in epoch 1: .* lower --model.learning_rate \(now 1000\)"):
+            module.stop_if_diverged()
+    else:
+        module.stop_if_diverged()
+
+
+@pytest.mark.integration
+def test_a_diverged_fit_exits_2_in_one_line_without_a_best_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fmnist_pl", "fit", f"--config={profile_config('fast', 'dense')}",
+         *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit", "--trainer.max_epochs=2",
+                    "--model.learning_rate=1000")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [errors[0]] and "training diverged in epoch 1" in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs" / "fit" / "checkpoints" / "best.ckpt").exists()
+
+
+def test_a_fresh_training_sets_aside_an_earlier_attempts_checkpoints(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "best.ckpt").write_text("old")
+    (folder / "best-v1.ckpt").write_text("older")
+    assert {p.name for p in steps.set_aside_stale_checkpoints(folder)} == {"best.ckpt", "best-v1.ckpt"}
+    assert not list(folder.glob("*.ckpt")) and len(list(folder.glob("*.ckpt.stale-*"))) == 2  # kept, not evaluated
+
+
+@pytest.mark.integration
+def test_fit_into_a_folder_with_an_old_best_checkpoint_replaces_it(tiny_data: Path, tmp_path: Path) -> None:
+    old = tmp_path / "runs" / "fit" / "checkpoints" / "best.ckpt"
+    old.parent.mkdir(parents=True)
+    old.write_text("an earlier attempt's")
+    main(["fit", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit", "--trainer.max_epochs=1",
+                            "--model.network=cnn")])  # fmt: skip
+    assert sorted(p.name for p in old.parent.iterdir()) == ["best.ckpt", "last.ckpt"]  # no best-v1.ckpt beside it
+    assert torch.load(old, weights_only=True)["hyper_parameters"]["network"] == "cnn"
+
+
+# ---- bad input files: one line each, no traceback, no warning before it ------------------------------------------
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width×height pixels (8-bit grayscale) and holds none: all a size check reads."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.mark.parametrize("side", [12_000, 20_000])  # above PIL's warning limit, and above its error limit
+def test_a_huge_image_to_predict_is_refused_in_one_line_without_a_warning(tmp_path: Path, side: int) -> None:
+    import warnings
+
+    from fmnist_pl.data import load_predict_images
+    from fmnist_pl.errors import DataError
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    png_header(folder / "huge.png", side, side)
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(DataError, match=r"huge.png: image is") as error:
+        warnings.simplefilter("always")
+        load_predict_images(folder)
+    assert "\n" not in str(error.value) and not seen
+
+
+def test_one_image_file_is_accepted_to_predict_on(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from fmnist_pl.data import load_predict_images
+
+    Image.fromarray(np.full((28, 28), 200, dtype=np.uint8)).save(tmp_path / "shoe.png")
+    images, names = load_predict_images(tmp_path / "shoe.png")
+    assert images.shape == (1, 28, 28) and int(images[0, 0, 0]) == 200 and names == ["shoe.png"]
+
+
+def test_a_config_that_is_not_utf8_text_stops_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("model:\n  network: cnn  # caf\xe9\n".encode("latin-1"))
+    err = cli_error(capsys, "fit", f"--config={config}")
+    assert err == [f"fmnist-pl: error: config {config} is not UTF-8 text (invalid continuation byte at byte 28); "
+                   "pass a YAML file"]  # fmt: skip
+
+
+@pytest.mark.parametrize("record", ['{"status": "completed", "ste', "[1, 2]", '{"status": "completed"}'])
+def test_report_on_a_damaged_run_record_stops_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, record: str
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(record)
+    err = cli_error(capsys, "report", str(run))
+    assert len(err) == 1 and "run.json is damaged or not a pipeline run record" in err[0]
+
+
+# ---- a full disk, a read-only folder: one line naming the folder, exit 2, no retries -----------------------------
+
+
+@pytest.fixture
+def mount(tmp_path: Path):  # noqa: ANN201
+    """mount(name, options) -> a fresh tmpfs folder mounted with `options` (size=3m, ro, ...), unmounted after."""
+    mounted = []
+
+    def make(name: str, options: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.integration
+def test_a_read_only_output_folder_is_refused_in_one_line(
+    tiny_data: Path,
+    mount,
+    capsys: pytest.CaptureFixture,
+    flow_module,  # noqa: ANN001
+) -> None:
+    read_only = mount("ro", "ro,size=1m")
+    err = cli_error(capsys, "fit", *tiny_args(tiny_data, read_only, "--model.network=cnn", "--trainer.max_epochs=1"))
+    assert len(err) == 1 and f"{read_only}" in err[0] and "read-only" in err[0]
+    with pytest.raises(SystemExit) as exit_:  # the pipeline: before Prefect's server starts
+        flow_module.parse_args(["--output-dir", str(read_only / "runs")])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and f"{read_only}: cannot write there, the file system is read-only" in err[0]
+
+
+@pytest.mark.integration
+def test_a_full_disk_fails_the_pipeline_in_one_line_without_retries(
+    pipeline,
+    tiny_data: Path,
+    mount,  # noqa: ANN001
+) -> None:
+    full = mount("full", "size=2m")  # room for the run folder and logs, not for the dense net's 27 MB checkpoint
+    started = time.perf_counter()
+    with pytest.raises(Exception, match="no space left on the device") as error:
+        pipeline.full_pipeline(tiny_settings(tiny_data, full))
+    assert f"{full}/steps/train-dense-seed0-" in str(error.value).split("cannot write there")[0]  # names the folder
+    assert isinstance(error.value, (steps.BadInputError, pipeline.PlaceError))  # permanent: exit 2, not retried
+    (log,) = full.glob("steps/train-dense-*/train.log")
+    assert log.read_text().count("$ ") == 1  # one attempt
+    (record,) = full.glob("*/run.json")
+    assert json.loads(record.read_text())["status"] == "failed"
+    assert time.perf_counter() - started < 120
+
+
+@pytest.mark.parametrize("case", ["val-size", "no folder", "half a file", "half a .gz file"])
+def test_data_the_pipeline_can_check_is_refused_before_prefect_starts_in_its_own_words(
+    tiny_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    flow_module,
+    case: str,  # noqa: ANN001
+) -> None:
+    argv = ["--data-dir", str(tiny_data), "--no-require-official", "--output-dir", str(tmp_path / "out")]
+    expected = {"val-size": "--val-size 640 leaves no training images", "no folder": "--data-dir /nonexistent lacks",
+                "half a file": "header says 640 images but the file holds",
+                "half a .gz file": "header says 640 images but the file holds"}[case]  # fmt: skip
+    images = tiny_data / "train-images-idx3-ubyte.gz"
+    if case == "val-size":
+        argv += ["--val-size", "640"]
+    elif case == "no folder":
+        argv[1] = "/nonexistent"
+    elif case == "half a file":
+        raw = gzip.decompress(images.read_bytes())
+        images.unlink()
+        images.with_suffix("").write_bytes(raw[: len(raw) // 2])
+    else:
+        images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[: 16 + 320 * 784]))
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        flow_module.parse_args(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and expected in err[0] and len(err) == 2  # the error, then the --help hint
+    assert time.perf_counter() - started < 5

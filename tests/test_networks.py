@@ -14,7 +14,7 @@ from fmnist_pl.networks import NETWORKS, BatchNormCNN, StudyDenseNet, StudyLeNet
 
 
 @pytest.mark.parametrize(
-    ("network", "parameters"), [(StudyDenseNet, 2_261_465), (StudyLeNetCNN, 116_859), (BatchNormCNN, 162_562)]
+    ("network", "parameters"), [(StudyDenseNet, 2_261_465), (StudyLeNetCNN, 116_859), (BatchNormCNN, 167_794)]
 )
 def test_trainable_parameters_are_pinned(network: type[nn.Module], parameters: int) -> None:
     net = network()
@@ -118,10 +118,15 @@ def test_registry_names_every_network_once_and_each_builds() -> None:
 def test_batchnorm_cnn_layers_and_channels_last() -> None:
     net = BatchNormCNN()
     convs = [(m.in_channels, m.out_channels, m.kernel_size, m.bias) for m in net.modules() if isinstance(m, nn.Conv2d)]
-    assert [(c_in, c_out) for c_in, c_out, *_ in convs] == [(1, 24), (24, 24), (24, 48), (48, 48), (48, 96), (96, 96)]
+    assert [(c_in, c_out) for c_in, c_out, *_ in convs] == [(1, 24), (24, 24), (24, 24), (24, 48), (48, 48),
+                                                             (48, 96), (96, 96)]  # fmt: skip
     assert all(kernel == (3, 3) and bias is None for _, _, kernel, bias in convs)  # BatchNorm's shift is the bias
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 6
-    assert sum(isinstance(m, nn.MaxPool2d) for m in net.modules()) == 2
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 7
+    # Each stage pools straight after its first convolution, before BatchNorm: 28 -> 14 -> 7 -> 3 pixels.
+    layers = list(net.features)
+    pools = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 3 and all(isinstance(layers[i - 1], nn.Conv2d) for i in pools)
+    assert net.features(torch.rand(2, 24, 28, 28)).shape == (2, 96, 3, 3)
     assert all(
         c.weight.is_contiguous(memory_format=torch.channels_last) for c in net.modules() if isinstance(c, nn.Conv2d)
     )

@@ -137,18 +137,35 @@ def test_cpu_threads_follow_training_cost_and_use_every_core(flow_module) -> Non
     )
 
 
-def test_trainings_at_once_stay_within_a_thread_budget_of_the_cores() -> None:
-    plan = steps.training_plan
-    costs = {"bn_cnn": 11e12, "dense": 1.2e12, "cnn": 0.5e12}  # costliest first, as the flow orders them
-    budget, threads = plan(costs, [0], 2)
-    assert budget == 2 and threads == {("bn_cnn", 0): 2, ("dense", 0): 1, ("cnn", 0): 1}
-    budget, threads = plan(costs, [0, 1, 2], 2)
-    assert budget == 2 and set(threads) == {(n, s) for n in costs for s in (0, 1, 2)}
-    assert all(threads[n, s] == threads[n, 0] for n, s in threads)  # every seed of a network alike
-    budget, threads = plan({"bn_cnn": 11e12}, [0, 1, 2], 2)
-    assert budget == 2 and set(threads.values()) == {1}  # two at once on two cores, one thread each
-    budget, threads = plan(costs, [0, 1, 2], 16)
-    assert budget == 16 and sum(threads.values()) == 16  # all at once when the cores allow
+def test_a_networks_threads_depend_on_the_profile_and_the_cores_only() -> None:
+    # Threads change a convolution's sums, so what else a run trains must not change a network's thread count.
+    costs = {"bn_cnn": 11e12, "dense": 1.2e12, "cnn": 0.5e12}
+    assert steps.training_plan(costs, 2) == {"bn_cnn": 2, "dense": 1, "cnn": 1}
+    assert sum(steps.training_plan(costs, 16).values()) == 16  # all at once when the cores allow
+
+
+def test_the_flow_gives_a_network_the_same_threads_whatever_else_it_trains(
+    flow_module,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    planned: dict[tuple[str, int], set] = {}
+
+    def plan_training(network, seed, settings, data, steps_dir, threads, budget, ticket):  # noqa: ANN001, ANN202
+        planned.setdefault((network, seed), set()).add((threads, budget))
+
+    def stop(*args):  # noqa: ANN002, ANN202
+        raise RuntimeError("planned")
+
+    monkeypatch.setattr(flow_module.train_model, "submit", plan_training)
+    monkeypatch.setattr(flow_module.evaluate_model, "submit", stop)
+    monkeypatch.setattr(flow_module.download_data, "submit", lambda *a: {"source_dir": "x", "sha256": {}})
+    monkeypatch.setattr(flow_module.os, "cpu_count", lambda: 2)
+    for models, seeds in ((["bn_cnn"], [0]), (None, [0]), (None, [0, 1, 2]), (["cnn"], [0, 1])):
+        with pytest.raises(RuntimeError, match="planned"):
+            flow_module.full_pipeline.fn(PipelineSettings(models=models, seeds=seeds, output_dir=str(tmp_path)))
+    assert planned[("bn_cnn", 0)] == {(2, 2)}  # alone or beside the others, one seed or three
+    assert planned[("cnn", 0)] == planned[("cnn", 1)] == planned[("dense", 2)] == {(1, 2)}
 
 
 def test_training_queue_starts_trainings_in_ticket_order_within_its_budget() -> None:

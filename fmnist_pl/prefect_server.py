@@ -1,0 +1,73 @@
+"""The temporary Prefect server a pipeline run starts when no PREFECT_API_URL is set, owned by the run.
+
+Prefect starts one by itself too, but as a plain child in the flow's process group: a terminal's Ctrl-C then kills
+the server under the flow, which waits on it, and a flow killed with `kill -9` leaves it running for good. This one
+runs `prefect server start` (public CLI) in a session of its own, and the kernel sends it SIGTERM when the flow's
+process dies, whatever the cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the server's process, before it runs: ask for SIGTERM when the flow dies (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the flow died before the request took effect
+        os._exit(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def temporary_server(log_file: Path, timeout: float = 120) -> Iterator[str]:
+    """Start a local Prefect server (no UI), yield its API URL once it answers, stop it at the end."""
+    port = _free_port()
+    parent = os.getpid()
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ}  # analytics race a fresh database
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--no-ui", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "ERROR"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            preexec_fn=lambda: _die_with_parent(parent),
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if server.poll() is not None or time.monotonic() > deadline:
+                tail = "".join(log_file.read_text().splitlines(keepends=True)[-3:]).strip()
+                raise RuntimeError(f"the temporary Prefect server did not start ({tail}); see {log_file}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
