@@ -1,5 +1,5 @@
 """End-to-end pipeline benchmark: one multi-seed run of the flow, cold cache; its wall time and every network's
-test accuracy over the seeds, straight from the run's summary.json.
+test accuracy over the seeds, straight from the run's summary.json, and each step's wall time from its run.json.
 
     python benchmarks/pipeline.py [--profile fast] [--seeds 0 1 2] [-- extra flow options]
 
@@ -49,6 +49,7 @@ def main() -> None:
         if process.returncode != 0:
             sys.exit(f"pipeline failed:\n{stderr[-3000:]}")
         summary = json.loads((Path(out) / "latest" / "summary.json").read_text())
+        steps = json.loads((Path(out) / "latest" / "run.json").read_text())["steps"]
     print(f"profile {args.profile}, seeds {' '.join(args.seeds)}: wall {wall:.1f} s")
     for network, r in summary["networks"].items():
         accuracy, time_ = r["test_accuracy"], r["training_wall_seconds"]
@@ -59,6 +60,8 @@ def main() -> None:
             line += f"; without flip TTA {r['test_accuracy_without_flip']['mean']:.2%}"
         print(f"{line}; training {time_['mean']:.0f} s (min {time_['min']:.0f}, max {time_['max']:.0f}); "
               f"{r['trainable_parameters']:,} parameters, {r['flops_per_image'] / 1e6:.2f} MFLOPs/image")  # fmt: skip
+    print("  step wall times: " + ", ".join(f"{name} {step['wall_seconds']:.1f} s" for name, step in steps.items()
+                                          if isinstance(step, dict) and "wall_seconds" in step))  # fmt: skip
     print(summary["verdict"])
 
 

@@ -44,7 +44,7 @@ from fmnist_pl.errors import ConfigError, DataError, DownloadError
 from fmnist_pl.hardware import on_cpu
 from fmnist_pl.io import PlaceError, check_writable, place_error, write_record_on_failure, write_text_atomic
 from fmnist_pl.networks import NETWORKS
-from fmnist_pl.prefect_server import temporary_server
+from fmnist_pl.prefect_server import temporary_server, watch_server
 from fmnist_pl.report import build_report, markdown_with_embedded_figures
 from fmnist_pl.settings import PipelineSettings, add_settings_arguments, profile_config
 from fmnist_pl.steps import (
@@ -59,6 +59,7 @@ from fmnist_pl.steps import (
     new_run_dir,
     output_into,
     point_latest_at,
+    record_lost,
     reuse_finished,
     run_cli_subprocess,
     set_aside_if_damaged,
@@ -67,6 +68,7 @@ from fmnist_pl.steps import (
     step_lock,
     stop_children,
     stopping,
+    track_run,
     training_plan,
     training_queue,
 )
@@ -264,6 +266,7 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
         "started": datetime.now().isoformat(),
     }
     write_text_atomic(run.record, json.dumps(record, indent=2) + "\n")
+    track_run(run.record, record)
     print(f"fmnist-pl pipeline: run folder {run.path}")
 
     def finish(step: str, future):  # noqa: ANN001, ANN202
@@ -380,15 +383,26 @@ def prefect_defaults() -> dict:
 
 @contextlib.contextmanager
 def prefect_api(output_dir: str):  # noqa: ANN201
-    """The user's Prefect server where PREFECT_API_URL names one, else a temporary one that this run owns."""
+    """The user's Prefect server where PREFECT_API_URL names one, else a temporary one that this run owns; either
+    is watched, and a run whose server stops answering ends in one line (`end_on_lost_server`)."""
     with temporary_settings(updates=prefect_defaults()):
-        if PREFECT_API_URL.value():
-            yield
+        if url := PREFECT_API_URL.value():
+            with watch_server(url, end_on_lost_server):
+                yield
             return
         with temporary_server(Path(output_dir) / ".prefect-server.log") as url, \
-                temporary_settings(updates={PREFECT_API_URL: url}):  # fmt: skip
+                temporary_settings(updates={PREFECT_API_URL: url}), watch_server(url, end_on_lost_server):  # fmt: skip
             print(f"fmnist-pl pipeline: temporary Prefect server on {url} (no PREFECT_API_URL set)")
             yield
+
+
+def end_on_lost_server(message: str) -> None:
+    """The run's Prefect server is gone: stop the trainings, record the failure, say so in one line and exit now.
+    A normal exit would run Prefect's exit handlers, which retry their calls to the dead server for minutes."""
+    stop_children()
+    record_lost(message)
+    print(f"fmnist-pl pipeline failed: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 class OneLineFailures(logging.Filter):

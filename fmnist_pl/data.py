@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -324,8 +325,9 @@ def read_image(file: Path) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(file)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"{file}: image is far too large ({e.args[0].split('(')[0].strip()}); "
-                        "the networks take 28×28") from e  # fmt: skip
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
+        raise DataError(f"{file}: image has {size}, far too many; the networks take 28×28") from e
     except OSError as e:
         raise DataError(f"{file}: not a readable image ({e})") from e
     with image:

@@ -1,4 +1,5 @@
-"""The temporary Prefect server a pipeline run starts when no PREFECT_API_URL is set, owned by the run.
+"""The Prefect server of a pipeline run: the temporary one it starts when no PREFECT_API_URL is set, owned by the
+run, and a watch that ends the run at once when its server (either kind) stops answering.
 
 Prefect starts one by itself too, but as a plain child in the flow's process group: a terminal's Ctrl-C then kills
 the server under the flow, which waits on it, and a flow killed with `kill -9` leaves it running for good. This one
@@ -15,8 +16,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -71,3 +73,32 @@ def temporary_server(log_file: Path, timeout: float = 120) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@contextlib.contextmanager
+def watch_server(api_url: str, on_lost: Callable[[str], None], every: float = 2.0) -> Iterator[None]:
+    """While the block runs, check every `every` seconds that the Prefect server at `api_url` accepts connections;
+    after two refusals in a row call `on_lost(message)`, which must end the process. Prefect's client would
+    otherwise retry each call against the dead server, and the tasks after it too, for minutes."""
+    done = threading.Event()
+
+    def watch() -> None:
+        refused = 0
+        while not done.wait(every):
+            try:
+                httpx.get(f"{api_url}/health", timeout=10)
+                refused = 0
+            except httpx.ConnectError as e:
+                refused += 1
+                if refused == 2 and not done.is_set():
+                    on_lost(f"lost the Prefect server at {api_url} ({e}); start it again and rerun the same command: "
+                            "finished steps are reused")  # fmt: skip
+            except httpx.HTTPError:  # slow or busy, not gone
+                refused = 0
+
+    thread = threading.Thread(target=watch, name="prefect-server-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()

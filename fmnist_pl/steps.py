@@ -30,7 +30,7 @@ from prefect.exceptions import MissingContextError
 from fmnist_pl import layout
 from fmnist_pl.callbacks import EPOCH_LINE_PREFIX
 from fmnist_pl.errors import ConfigError
-from fmnist_pl.io import write_text_atomic
+from fmnist_pl.io import write_record_on_failure, write_text_atomic
 from fmnist_pl.module import read_checkpoint
 
 
@@ -59,6 +59,22 @@ def stopping() -> bool:
 def begin_run() -> None:
     """A new flow run in this process: whatever stopped an earlier one no longer applies."""
     STOPPING.clear()
+
+
+RUNNING: dict = {}  # the flow run's record and its file, for a failure recorded from outside the flow (record_lost)
+
+
+def track_run(record_file: Path, record: dict) -> None:
+    """Remember the running flow's record (the same dict the flow updates), for `record_lost`."""
+    RUNNING.update(file=record_file, record=record)
+
+
+def record_lost(message: str) -> None:
+    """Mark the running flow's record failed with `message`, from outside the flow (its server is gone)."""
+    record = RUNNING.get("record")
+    if record is not None and record.get("status") == "running":
+        record.update(status="failed", error=message)
+        write_record_on_failure(RUNNING["file"], json.dumps(record, indent=2) + "\n")
 
 
 LIVE_CHILDREN: set[subprocess.Popen] = set()  # training subprocesses, stopped with the flow (stop_children)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -417,6 +418,58 @@ def test_a_flow_killed_outright_leaves_no_prefect_server_behind(tiny_data: Path,
             flow.kill()
 
 
+@pytest.mark.integration
+def test_a_lost_prefect_server_ends_the_run_in_one_line_within_seconds(tiny_data: Path, tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")},
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(tmp_path / "prefect-home")}  # fmt: skip
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--no-ui", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    out = tmp_path / "out"
+    args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size", "100",
+            "--accelerator", "cpu", "--output-dir", str(out), "--models", "dense", "--epochs", "200"]  # fmt: skip
+    flow = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # a dedicated server, as `prefect server start` gives a user
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            time.sleep(0.5)
+        flow = subprocess.Popen(args, env={**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        deadline = time.monotonic() + 180
+        while not list(out.glob("steps/train-dense-*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(out.glob("steps/train-dense-*/checkpoints/last.ckpt")), "training never got going"
+        os.killpg(server.pid, signal.SIGKILL)
+        lost = time.monotonic()
+        output = flow.communicate(timeout=60)[0]
+        assert time.monotonic() - lost < 15  # not minutes of retries against a dead server
+    finally:
+        for process in (flow, server):
+            if process is not None and process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL) if process is server else process.kill()
+    last = output.strip().splitlines()[-1]
+    assert flow.returncode == 1 and last.startswith(
+        f"fmnist-pl pipeline failed: lost the Prefect server at http://127.0.0.1:{port}/api"
+    )
+    assert "Traceback" not in output
+    (record,) = out.glob("2*/run.json")
+    assert json.loads(record.read_text())["status"] == "failed"
+    time.sleep(1)
+    survivors = []  # its training went with it: no live process still works in the run's output folder
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if str(out) in cmdline.read_text() and "zombie" not in (cmdline.parent / "status").read_text():
+                survivors.append(cmdline.read_text().replace("\0", " ")[:200])
+    assert not survivors
+
+
 # ---- training that diverges stops, in one line, before its epoch is checkpointed ---------------------------------
 
 
@@ -501,7 +554,10 @@ def test_a_huge_image_to_predict_is_refused_in_one_line_without_a_warning(tmp_pa
     folder = tmp_path / "images"
     folder.mkdir()
     png_header(folder / "huge.png", side, side)
-    with warnings.catch_warnings(record=True) as seen, pytest.raises(DataError, match=r"huge.png: image is") as error:
+    with (
+        warnings.catch_warnings(record=True) as seen,
+        pytest.raises(DataError, match=rf"huge.png: image has {side**2:,} pixels, far too many") as error,
+    ):
         warnings.simplefilter("always")
         load_predict_images(folder)
     assert "\n" not in str(error.value) and not seen
