@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     except ArgumentError as e:  # the line that matters first, then where to look; not 80 lines of usage
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         details = [next((line.lstrip("- ") for line in lines if line.startswith(start)), "")
-                   for start in ("- Expected", "Given value:")]  # fmt: skip
+                   for start in ("- Expected", "Given value:", "Expected a typing.Literal")]  # fmt: skip
         print(f"fmnist-pl: error: {' '.join(filter(None, (lines[0] if lines else '', *details)))}", file=sys.stderr)
         command = args[0] if args and not args[0].startswith("-") else "<command>"
         print(f"(`fmnist-pl {command} --help` lists every option)", file=sys.stderr)

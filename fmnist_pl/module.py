@@ -22,6 +22,7 @@ from fmnist_pl.errors import ConfigError, TrainingDiverged
 from fmnist_pl.networks import NETWORKS
 
 EVAL_SPLITS = ("val", "test")
+NetworkName = Literal[tuple(NETWORKS)]  # type: ignore[valid-type]  # the registry's names: `fit --help` lists them
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -49,7 +50,7 @@ class FashionMNISTClassifier(L.LightningModule):
 
     def __init__(
         self,
-        network: str = "cnn",
+        network: NetworkName = "cnn",
         network_options: dict[str, Any] | None = None,
         optimizer: Literal["adam", "adamw", "sgd"] = "adam",
         learning_rate: float = 1e-3,

@@ -53,6 +53,21 @@ def tiny_data(tmp_path: Path) -> Path:
     return write_idx_dir(tmp_path / "fmnist")
 
 
+USERS_HOME = Path.home()  # as the suite found it, before isolated_home replaces it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """The whole session, subprocesses included, runs with a home of its own: the decoded-data cache, Prefect's
+    database and anything else a test or the code under test keeps in a home go there, never into the user's."""
+    home = tmp_path_factory.mktemp("home")
+    patch = pytest.MonkeyPatch()
+    for name, value in (("HOME", home), ("PREFECT_HOME", home / ".prefect"), ("XDG_CACHE_HOME", home / ".cache")):
+        patch.setenv(name, str(value))
+    yield home
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own cache folder and never sees the user's data or environment."""

@@ -51,6 +51,9 @@ def test_whole_flow_trains_every_network_per_seed_writes_the_report_and_artifact
             assert f"{metrics['accuracy']:.2%}" in report  # numbers come from the metrics files
             assert (run_dir / network / f"seed-{seed}" / "train" / "checkpoints" / "best.ckpt").is_file()
             assert not record["steps"][f"train-{network}-seed{seed}"]["cached"]
+        # The report shows the first seed's training-set confusion matrix only: no other seed predicts that split.
+        assert (run_dir / network / "seed-0" / "evaluate" / "predict_train" / "predictions.csv").is_file()
+        assert not (run_dir / network / "seed-1" / "evaluate" / "predict_train").exists()
     seeds_differ = [
         pd.read_csv(run_dir / "cnn" / f"seed-{s}" / "train" / "history.csv")["train/loss"].tolist() for s in (0, 1)
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import threading
 from pathlib import Path
 
 import pydantic
@@ -26,11 +27,12 @@ def test_every_field_is_a_command_line_option_with_its_default_and_help() -> Non
     assert (parsed.models, parsed.epochs, parsed.require_official) == (["cnn", "bn_cnn"], 3, False)
 
 
-def test_flow_command_line_builds_the_settings(flow_module) -> None:  # noqa: ANN001
-    args, settings = flow_module.parse_args(["--epochs", "2", "--devices", "2", "--data-dir", "/d"])
+def test_flow_command_line_builds_the_settings(flow_module, tiny_data: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    out = ["--output-dir", str(tmp_path)]
+    args, settings = flow_module.parse_args(["--epochs", "2", "--devices", "2", "--data-dir", str(tiny_data), *out])
     assert args.command == "run"
-    assert settings == PipelineSettings(epochs=2, devices="2", data_dir="/d")
-    args, settings = flow_module.parse_args(["serve", "--cron", "0 3 * * *", "--models", "dense"])
+    assert settings == PipelineSettings(epochs=2, devices="2", data_dir=str(tiny_data), output_dir=str(tmp_path))
+    args, settings = flow_module.parse_args(["serve", "--cron", "0 3 * * *", "--models", "dense", *out])
     assert (args.command, args.cron, settings.models) == ("serve", "0 3 * * *", ["dense"])
     with pytest.raises(SystemExit):
         flow_module.parse_args(["--models", "resnet"])
@@ -157,6 +159,7 @@ def test_the_flow_gives_a_network_the_same_threads_whatever_else_it_trains(
     def stop(*args):  # noqa: ANN002, ANN202
         raise RuntimeError("planned")
 
+    monkeypatch.setattr(steps, "STOPPING", threading.Event())  # the flow's stop path sets it: keep it to this test
     monkeypatch.setattr(flow_module.train_model, "submit", plan_training)
     monkeypatch.setattr(flow_module.evaluate_model, "submit", stop)
     monkeypatch.setattr(flow_module.download_data, "submit", lambda *a: {"source_dir": "x", "sha256": {}})
@@ -225,3 +228,17 @@ def test_bad_pipeline_options_stop_in_one_line_before_any_work(
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and message in err[0] and "--help" in err[1]  # the error first, a hint after, no usage
+
+
+def test_tests_and_the_processes_they_start_never_use_the_users_home(isolated_home: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import USERS_HOME
+
+    probe = ("from pathlib import Path; from fmnist_pl.data import default_cache_dir; "
+             "from prefect.settings import PREFECT_HOME; print(Path.home(), default_cache_dir(), PREFECT_HOME.value())")  # fmt: skip
+    home, cache, prefect_home = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                               check=True).stdout.split()  # fmt: skip
+    assert Path(home) == isolated_home and Path(prefect_home).is_relative_to(isolated_home)
+    assert not any(Path(p).is_relative_to(USERS_HOME) for p in (home, cache, prefect_home))
