@@ -109,6 +109,22 @@ def network_config(settings: PipelineSettings, network: str) -> Path:
     return config
 
 
+def training_key(network: str, seed: int, settings: PipelineSettings, data: dict, threads: int | None) -> str:
+    """A training step's cache key: what decides its result. The options (less the data's folder: its checksums
+    stand in), the seed, the config's text, the code's version and the CPU threads (they change a convolution's
+    sums). The launcher changes how, not what."""
+    return step_key(step="train", network=network, seed=seed, config=network_config(settings, network).read_text(),
+                    data=data["sha256"], version=__version__, options=settings.cli_options(data_dir=None),
+                    threads=threads)  # fmt: skip
+
+
+def evaluation_key(training_dir: str, data: dict, training_split: bool) -> str:
+    """An evaluation step's cache key: the training it evaluates, the data, the code, and whether it predicts the
+    training split too."""
+    return step_key(step="evaluate", train=training_dir, data=data["sha256"], version=__version__,
+                    training_split=training_split)  # fmt: skip
+
+
 @task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_unless_bad_input, task_run_name="download")
 def download_data(data_dir: str | None, require_official: bool) -> dict:
     """Find or download Fashion-MNIST, verify it and cache the decoded tensors; return its folder and checksums."""
@@ -145,11 +161,7 @@ def _train(network: str, seed: int, settings: PipelineSettings, data: dict, step
            queue: TrainingQueue, ticket: int) -> dict:  # fmt: skip
     logger = get_run_logger()
     config = network_config(settings, network)
-    # The key holds what decides the result: the options (less the data's folder: its checksums stand in),
-    # the seed, the config's text, the code's version and the CPU threads (they change a convolution's sums).
-    # The launcher changes how, not what.
-    key = step_key(step="train", network=network, seed=seed, config=config.read_text(), data=data["sha256"],
-                   version=__version__, options=settings.cli_options(data_dir=None), threads=threads)  # fmt: skip
+    key = training_key(network, seed, settings, data, threads)
     work = layout.TrainingFolder(layout.step_folder(Path(steps_dir), "train", network, seed, key))
     if finished := reuse_finished(work.path, f"{network} seed {seed} training"):
         return finished
@@ -195,8 +207,7 @@ def evaluate_model(
     the training split (the report shows the first seed's training-set confusion matrix only)."""
     config = network_config(settings, network)
     training_split = seed == settings.seeds[0]
-    key = step_key(step="evaluate", train=trained["dir"], data=data["sha256"], version=__version__,
-                   training_split=training_split)  # fmt: skip
+    key = evaluation_key(trained["dir"], data, training_split)
     work = layout.EvaluationFolder(layout.step_folder(Path(steps_dir), "evaluate", network, seed, key))
     if finished := reuse_finished(work.path, f"{network} seed {seed} evaluation"):
         return finished

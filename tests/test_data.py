@@ -263,3 +263,32 @@ def test_max_shift_zero_augments_with_flips_only_and_bad_values_are_rejected() -
     assert 0 < mirrored.sum() < 64
     with pytest.raises(ConfigError, match="max_shift must be between 0 and 27"):
         FashionMNISTDataModule(max_shift=30)
+
+
+def test_an_unwritable_cache_folder_is_skipped_with_one_warning(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import errno
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "cache" / "x.tmp"))
+
+    monkeypatch.setattr(data, "atomic_write", read_only)
+    with caplog.at_level("WARNING", logger="fmnist_pl.data"):
+        tensors = load_dataset(tiny_data, cache_dir=tmp_path / "cache", require_official=False)
+    assert len(tensors.train_labels) == 640  # the run goes on, with the data decoded
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "cannot write the decoded-data cache there" in warning and "going on without it" in warning
+
+
+def test_errors_about_a_place_name_it_and_others_are_left_alone(tmp_path: Path) -> None:
+    import errno
+
+    from fmnist_pl.io import place_error
+
+    denied = place_error(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "run" / "x.ckpt")))
+    assert str(denied).startswith(f"{tmp_path / 'run'}: cannot write there, permission denied")
+    full = place_error(OSError(errno.ENOSPC, "No space left on device"), where=tmp_path)  # an open file: no name
+    assert str(full).startswith(f"{tmp_path}: cannot write there, no space left on the device")
+    assert place_error(FileNotFoundError(errno.ENOENT, "No such file")) is None  # not about a full or closed place
+    assert place_error(ValueError("bug")) is None

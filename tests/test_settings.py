@@ -86,13 +86,18 @@ def test_a_profile_without_a_config_for_a_network_is_one_clear_error(flow_module
         flow_module.network_config(PipelineSettings(profile="reference"), "bn_cnn")
 
 
-def test_step_keys_change_with_what_decides_the_result_only() -> None:
-    module = steps
-    base = PipelineSettings()
-    key = module.step_key(options=base.cli_options(data_dir=None))
-    assert key == module.step_key(options=PipelineSettings(train_launcher="srun").cli_options(data_dir=None))
-    assert key == module.step_key(options=PipelineSettings(data_dir="/elsewhere").cli_options(data_dir=None))
-    assert key != module.step_key(options=PipelineSettings(epochs=2).cli_options(data_dir=None))
+def test_step_keys_change_with_what_decides_the_result_only(flow_module) -> None:  # noqa: ANN001
+    key = flow_module.training_key  # the function the training task calls
+    data = {"sha256": {"train-images-idx3-ubyte": "a", "decoded": "b"}}
+    base = key("bn_cnn", 0, PipelineSettings(), data, 2)
+    assert base == key("bn_cnn", 0, PipelineSettings(train_launcher="srun"), data, 2)  # how, not what
+    assert base == key("bn_cnn", 0, PipelineSettings(data_dir="/elsewhere"), data, 2)  # the checksums stand in
+    changed = [key("bn_cnn", 1, PipelineSettings(), data, 2), key("bn_cnn", 0, PipelineSettings(epochs=2), data, 2),
+               key("bn_cnn", 0, PipelineSettings(), data, 1), key("cnn", 0, PipelineSettings(), data, 2),
+               key("bn_cnn", 0, PipelineSettings(), {"sha256": {**data["sha256"], "decoded": "c"}}, 2)]  # fmt: skip
+    assert len({base, *changed}) == 6  # seed, epochs, threads, network, the decoded data's checksum
+    evaluation = flow_module.evaluation_key
+    assert len({evaluation("t", data, True), evaluation("t", data, False), evaluation("u", data, True)}) == 3
 
 
 def test_run_layout_names_every_file_once(tmp_path: Path) -> None:
