@@ -9,8 +9,10 @@ process dies, whatever the cause.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -42,7 +44,10 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def temporary_server(log_file: Path, timeout: float = 120) -> Iterator[str]:
-    """Start a local Prefect server (no UI), yield its API URL once it answers, stop it at the end."""
+    """Start a local Prefect server (no UI) and yield its API URL once it answers. It stops when this process
+    exits, from an `atexit` hook: Prefect drains its logs and events to the server in hooks that run before those,
+    so stopping it at the end of the block would leave them retrying against a stopped server. A process killed
+    outright takes it along through the kernel's parent-death signal."""
     port = _free_port()
     parent = os.getpid()
     env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ}  # analytics race a fresh database
@@ -55,24 +60,30 @@ def temporary_server(log_file: Path, timeout: float = 120) -> Iterator[str]:
             preexec_fn=lambda: _die_with_parent(parent),
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if server.poll() is not None or time.monotonic() > deadline:
-                tail = "".join(log_file.read_text().splitlines(keepends=True)[-3:]).strip()
-                raise RuntimeError(f"the temporary Prefect server did not start ({tail}); see {log_file}")
-            time.sleep(0.2)
-        yield url
-    finally:
+
+    def stop() -> None:
+        # logging's own exit hook runs after this one (registered first) and would ship the last run logs to a
+        # stopped server: flush them while it still answers.
+        logging.shutdown()
         server.terminate()
         try:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+    atexit.register(stop)
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop()
+            tail = "".join(log_file.read_text().splitlines(keepends=True)[-3:]).strip()
+            raise RuntimeError(f"the temporary Prefect server did not start ({tail}); see {log_file}")
+        time.sleep(0.2)
+    yield url
 
 
 @contextlib.contextmanager
