@@ -42,7 +42,14 @@ from fmnist_pl.cli import USER_ERRORS, quiet_known_warnings, run_cli
 from fmnist_pl.data import check_headers, default_cache_dir, load_dataset, locate_dataset, missing_files
 from fmnist_pl.errors import ConfigError, DataError, DownloadError
 from fmnist_pl.hardware import on_cpu
-from fmnist_pl.io import PlaceError, check_writable, place_error, write_record_on_failure, write_text_atomic
+from fmnist_pl.io import (
+    PlaceError,
+    check_writable,
+    naming_place,
+    place_error,
+    write_record_on_failure,
+    write_text_atomic,
+)
 from fmnist_pl.networks import NETWORKS
 from fmnist_pl.prefect_server import temporary_server, watch_server
 from fmnist_pl.report import build_report, markdown_with_embedded_figures
@@ -90,15 +97,6 @@ def retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001
     except Exception:
         return True
     return True
-
-
-@contextlib.contextmanager
-def raising_place_errors(folder: Path):  # noqa: ANN201
-    """Turn a full disk or a read-only folder met while writing into `folder` into the one-line error naming it."""
-    try:
-        yield
-    except OSError as e:
-        raise (place_error(e, folder) or e) from e
 
 
 def network_config(settings: PipelineSettings, network: str) -> Path:
@@ -165,7 +163,7 @@ def _train(network: str, seed: int, settings: PipelineSettings, data: dict, step
     work = layout.TrainingFolder(layout.step_folder(Path(steps_dir), "train", network, seed, key))
     if finished := reuse_finished(work.path, f"{network} seed {seed} training"):
         return finished
-    with queue.turn(ticket, threads or 1), step_lock(work.path) as lock, raising_place_errors(work.path):
+    with queue.turn(ticket, threads or 1), step_lock(work.path) as lock, naming_place(work.path):
         if finished := reuse_finished(work.path, f"{network} seed {seed} training"):  # another run finished it
             return finished
         resume = work.last_checkpoint.is_file() and not set_aside_if_damaged(work.last_checkpoint)
@@ -221,7 +219,7 @@ def evaluate_model(
                   "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
         started = time.perf_counter()
         # In this process (one device, so no DDP launcher is involved): saves three interpreter start-ups.
-        with output_into(work.log), raising_place_errors(work.path):
+        with output_into(work.log), naming_place(work.path):
             run_cli(["test", *common, *log_into(work.test)])
             run_cli(["predict", *common, "--data.predict_split=test", *log_into(work.predict("test"))])
             if training_split:  # 55,000 images: most of the step. Without flip TTA, which that matrix needs not.

@@ -39,16 +39,25 @@ def place_error(error: BaseException, where: str | Path | None = None) -> PlaceE
                       "permissions, or choose another folder")  # fmt: skip
 
 
+@contextmanager
+def naming_place(folder: str | Path) -> Iterator[None]:
+    """Turn a full disk, a read-only or a foreign folder met inside the block into the PlaceError naming `folder`
+    (when the error names no file itself); other errors pass unchanged."""
+    try:
+        yield
+    except OSError as e:
+        raise (place_error(e, folder) or e) from e
+
+
 def check_writable(folder: str | Path) -> None:
     """Create `folder` if needed and write a file there, so that a folder that cannot take a run's outputs is
     refused in one line before anything starts; raises PlaceError."""
     folder = Path(folder)
     probe = folder / f".write-test-{uuid.uuid4().hex}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"0" * 4096)
-    except OSError as e:
-        raise (place_error(e, folder) or e) from e
+        with naming_place(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"0" * 4096)
     finally:
         probe.unlink(missing_ok=True)
 

@@ -213,6 +213,13 @@ def step_lock(work: Path) -> Iterator[object]:
         yield lock
 
 
+def set_aside(checkpoint: Path, why: str) -> Path:
+    """Rename `checkpoint` to `<name>.<why>-<time>`: kept for inspection, never loaded again."""
+    aside = checkpoint.with_name(f"{checkpoint.name}.{why}-{datetime.now():%Y%m%d-%H%M%S}")
+    checkpoint.rename(aside)
+    return aside
+
+
 def set_aside_if_damaged(checkpoint: Path) -> bool:
     """A last.ckpt that cannot be read (a crash mid-write on a filesystem without atomic rename, a full disk) is
     renamed and logged, so that training restarts rather than failing on it forever. True if it was set aside."""
@@ -220,23 +227,20 @@ def set_aside_if_damaged(checkpoint: Path) -> bool:
         read_checkpoint(checkpoint)
         return False
     except ConfigError as e:
-        aside = checkpoint.with_name(f"{checkpoint.name}.damaged-{datetime.now():%Y%m%d-%H%M%S}")
-        checkpoint.rename(aside)
+        aside = set_aside(checkpoint, "damaged")
         run_logger().warning(f"{e}: set aside as {aside.name}; training starts afresh")
         return True
 
 
 def set_aside_stale_checkpoints(folder: Path) -> list[Path]:
-    """Before a training starts afresh in `folder`: rename the checkpoints an earlier attempt left there
-    (`best.ckpt` and the like) to `<name>.stale-<time>`, kept for inspection but never evaluated."""
-    stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
-    aside = []
-    for checkpoint in sorted(folder.glob("*.ckpt")) if folder.is_dir() else []:
-        checkpoint.rename(checkpoint.with_name(f"{checkpoint.name}.stale-{stamp}"))
-        aside.append(checkpoint)
-    if aside:
-        run_logger().warning(f"set aside {', '.join(c.name for c in aside)} of an earlier attempt in {folder}")
-    return aside
+    """Before a training starts afresh in `folder`: set aside the checkpoints an earlier attempt left there
+    (`best.ckpt` and the like) as `<name>.stale-<time>`, so that evaluation never loads one of them."""
+    stale = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    for checkpoint in stale:
+        set_aside(checkpoint, "stale")
+    if stale:
+        run_logger().warning(f"set aside {', '.join(c.name for c in stale)} of an earlier attempt in {folder}")
+    return stale
 
 
 class TrainingQueue:
