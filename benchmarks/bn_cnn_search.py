@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist_pl.data import load_dataset, shift_and_flip
+from fmnist_pl.data import shift_and_flip
+from fmnist_pl.fashion_mnist import load_dataset
 
 RESULTS = Path(__file__).parent / "results" / "bn_cnn_search.jsonl"
 

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a plain checkout, no install needed
-from fmnist_pl.data import read_idx, shift_and_flip  # noqa: E402
+from fmnist_pl.data import shift_and_flip  # noqa: E402
+from fmnist_pl.fashion_mnist import read_idx  # noqa: E402
 from fmnist_pl.networks import NETWORKS  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 
 from fmnist_pl import layout
-from fmnist_pl.data import CLASS_NAMES
+from fmnist_pl.fashion_mnist import CLASS_NAMES
 from fmnist_pl.io import atomic_write, write_text_atomic
 from fmnist_pl.networks import count_trainable_parameters
 
@@ -154,11 +154,12 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class PredictionsWriter(BasePredictionWriter):
-    """Writes `predict` results to <run dir>/predictions.csv: true label (-1 if unknown), prediction, confidence,
-    and one probability column per class."""
+    """Writes `predict` results to <run dir>/predictions.csv (`evaluate`'s: predictions_<split>.csv): true label
+    (-1 if unknown), prediction, confidence, and one probability column per class."""
 
-    def __init__(self) -> None:
+    def __init__(self, name_by_split: bool = False) -> None:
         super().__init__(write_interval="epoch")
+        self.name_by_split = name_by_split
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:  # noqa: ANN001
         directory = run_dir(trainer)
@@ -183,9 +184,11 @@ class PredictionsWriter(BasePredictionWriter):
             names = getattr(trainer.datamodule, "predict_names", None)
             if names is not None:
                 merged.insert(0, "file", names)
-            with atomic_write(directory / layout.PREDICTIONS) as tmp:
+            split = trainer.datamodule.hparams.predict_split if self.name_by_split else None
+            path = directory / (layout.predictions_file(split) if split else layout.PREDICTIONS)
+            with atomic_write(path) as tmp:
                 merged.to_csv(tmp)
             for s in shards:
                 s.unlink()
-            print(f"predictions of {len(merged):,} images written to {directory / layout.PREDICTIONS}")
+            print(f"predictions of {len(merged):,} images written to {path}")
         trainer.strategy.barrier()

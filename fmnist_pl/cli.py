@@ -1,11 +1,11 @@
-"""The `fmnist-pl` command: Lightning CLI (fit, validate, test, predict) plus `report`."""
+"""The `fmnist-pl` command: Lightning CLI (fit, validate, test, predict), `evaluate` (fmnist_pl/evaluation.py) and
+`report`."""
 
 from __future__ import annotations
 
 import inspect
 import logging
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -15,12 +15,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fmnist_pl.callbacks import EpochHistory, EvaluationFiles, LastCheckpoint, PredictionsWriter
+from fmnist_pl.configs import packaged_configs
 from fmnist_pl.data import FashionMNISTDataModule
 from fmnist_pl.errors import ConfigError, FmnistError
+from fmnist_pl.evaluation import FashionMNISTTrainer
 from fmnist_pl.hardware import cpu_has_fast_bf16, on_cpu
 from fmnist_pl.io import place_error
 from fmnist_pl.module import FashionMNISTClassifier, read_checkpoint
-from fmnist_pl.settings import packaged_configs
 
 CKPT_KEYWORDS = {"best", "last", "hpc", "registry"}  # ckpt_path values Lightning resolves itself
 # Model options that only change how a trained network is used, so `test` and `predict` take them from the command
@@ -49,6 +50,8 @@ def quiet_known_warnings() -> None:
         r".*It is recommended to use `self.log\('train/.*sync_dist=True.*",
         # PredictionsWriter needs no batch indices (ShardedBatches keeps the input order).
         r".*Couldn't infer the batch indices.*",
+        # EMA weight averaging runs during fit only; the checkpoint holds the averaged weights already.
+        r".*callbacks used to create the checkpoint need to be provided.*EMAWeightAveraging.*",
         # The module's transfer_batch_to_device is meant to win over the data module's (which has none).
         r".*overridden `transfer_batch_to_device` in `LightningModule`.*",
     ):
@@ -105,53 +108,41 @@ class FashionMNISTCLI(LightningCLI):
                 "checkpoint.enable_version_counter": False,
             }
         )
+        # The data's shuffling and flips follow the run's seed (DDP ranks re-run the command, so they get it too).
+        parser.link_arguments("seed_everything", "data.seed", compute_fn=data_seed)
 
     def instantiate_trainer(self, **kwargs: object) -> object:
         config = self.config_init[self.subcommand]["trainer"]
         callbacks = [*(config.get("callbacks") or []), EpochHistory(), EvaluationFiles()]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(default_progress_bar())
-        if self.subcommand == "predict":  # only then: every callback costs hook calls on every training step
-            callbacks.append(PredictionsWriter())
+        if self.subcommand in ("predict", "evaluate"):  # only then: a callback costs hook calls on every step
+            callbacks.append(PredictionsWriter(name_by_split=self.subcommand == "evaluate"))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's four subcommands, plus `evaluate` (FashionMNISTTrainer.evaluate)."""
+        return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
 
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
         self.command_line = list(sys.argv[1:] if args is None else args)  # what the user typed, for the checks below
         super().parse_arguments(parser, args)
-
-    def _parse_ckpt_path(self) -> None:
-        # Lightning replaces the model's options with the checkpoint's hyper-parameters here, without a word when
+        # Next, Lightning replaces the model's options with the checkpoint's hyper-parameters, without a word when
         # they disagree and with a traceback when the file is damaged. Check the file first.
         config = self.config.get(self.config.get("subcommand") or "", {})
         ckpt_path = config.get("ckpt_path") if config else None
         if ckpt_path and ckpt_path not in CKPT_KEYWORDS:
-            if not Path(ckpt_path).is_file():
-                raise ConfigError(
-                    f"checkpoint {ckpt_path} does not exist; pass a .ckpt file written by `fmnist-pl fit`"
-                )
-            checkpoint = read_checkpoint(ckpt_path)
-            asked = config["model"]["network"]
-            # A network named by a config file or an option other than the default must match the checkpoint's.
-            default = inspect.signature(FashionMNISTClassifier).parameters["network"].default
-            named = (bool(config.get("config")) or asked != default
-                     or any(a.startswith("--model.network") for a in self.command_line))  # fmt: skip
-            if named and asked != checkpoint["hyper_parameters"]["network"]:
-                raise ConfigError(
-                    f"checkpoint {ckpt_path} holds a {checkpoint['hyper_parameters']['network']!r} network, not "
-                    f"{asked!r}; pass that network's config, or a checkpoint of {asked!r}"
-                )
-            if self.config.subcommand == "fit":
-                check_schedule_fits(checkpoint, config["trainer"].get("max_epochs"), ckpt_path)
-        typed = {option: config["model"][option] for option in INFERENCE_OPTIONS
-                 if config and any(a.startswith(f"--model.{option}") for a in self.command_line)}  # fmt: skip
-        super()._parse_ckpt_path()
-        # Lightning replaces every model option with the checkpoint's; how to test or predict is the user's choice.
-        for option, value in typed.items():
-            self.config[self.config.subcommand]["model"][option] = value
+            check_checkpoint(ckpt_path, config, self.config.subcommand, self.command_line)
+        # How to test or predict is the user's choice even with a checkpoint: kept, and restored below.
+        self.inference_options = {option: config["model"][option] for option in INFERENCE_OPTIONS
+                                  if config and any(a.startswith(f"--model.{option}") for a in self.command_line)}  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config  # no subcommand: run=False
+        for option, value in self.inference_options.items():  # over the checkpoint's hyper-parameters
+            config["model"][option] = value
         trainer = config["trainer"]
         # The packaged configs ask for bf16-mixed, which is 1.3-2x faster on CPUs with AVX-512 BF16 or AMX and on
         # GPUs, and about 10x slower where the CPU has to emulate it. A config file's bf16 therefore gives way to
@@ -170,6 +161,23 @@ class FashionMNISTCLI(LightningCLI):
                                   "(or --trainer.max_steps)")  # fmt: skip
 
 
+def check_checkpoint(ckpt_path: str, config: dict, subcommand: str, command_line: list[str]) -> None:
+    """The checkpoint exists, can be read, holds the network the config or options name, and (for `fit`) was
+    trained under a schedule that fits this run's epochs; raises ConfigError."""
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"checkpoint {ckpt_path} does not exist; pass a .ckpt file written by `fmnist-pl fit`")
+    checkpoint = read_checkpoint(ckpt_path)
+    asked, held = config["model"]["network"], checkpoint["hyper_parameters"]["network"]
+    # A network named by a config file or an option other than the default must match the checkpoint's.
+    default = inspect.signature(FashionMNISTClassifier).parameters["network"].default
+    named = bool(config.get("config")) or asked != default or any(a.startswith("--model.network") for a in command_line)
+    if named and asked != held:
+        raise ConfigError(f"checkpoint {ckpt_path} holds a {held!r} network, not {asked!r}; pass that network's "
+                          f"config, or a checkpoint of {asked!r}")  # fmt: skip
+    if subcommand == "fit":
+        check_schedule_fits(checkpoint, config["trainer"].get("max_epochs"), ckpt_path)
+
+
 def check_schedule_fits(checkpoint: dict, max_epochs: int | None, path: str) -> None:
     """A one-cycle schedule is planned for the whole run: resuming with another epoch count would follow the old
     plan and crash past its end. Refuse before anything is built (the module checks again when training starts)."""
@@ -183,22 +191,20 @@ def check_schedule_fits(checkpoint: dict, max_epochs: int | None, path: str) -> 
                           f"resume it with --trainer.max_epochs {planned}, or start afresh without --ckpt_path")  # fmt: skip
 
 
-_one_cli_at_a_time = threading.Lock()  # a LightningCLI run sets process-wide seeds and warning filters
+def data_seed(seed_everything: int | bool) -> int | None:
+    """`seed_everything` as the data module's seed: None when it is true or false (a random seed, or none)."""
+    return None if isinstance(seed_everything, bool) else seed_everything
 
 
 def run_cli(argv: list[str] | None = None) -> None:
     """Run one Lightning CLI subcommand with the project's defaults (`argv` None: the command line)."""
-    with _one_cli_at_a_time:
-        _run_cli(argv)
-
-
-def _run_cli(argv: list[str] | None) -> None:
     if argv is None:
         # Rewritten in place rather than passed as `args`: Lightning's DDP launcher re-runs sys.argv for each rank.
         sys.argv[1:] = resolve_config_names(sys.argv[1:])
     FashionMNISTCLI(
         FashionMNISTClassifier,
         FashionMNISTDataModule,
+        trainer_class=FashionMNISTTrainer,
         args=None if argv is None else resolve_config_names(argv),
         seed_everything_default=0,
         trainer_defaults={

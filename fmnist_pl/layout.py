@@ -16,7 +16,12 @@ HISTORY = "history.csv"
 BEST_CHECKPOINT = "checkpoints/best.ckpt"
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
 TEST_METRICS = "test_metrics.json"
-PREDICTIONS = "predictions.csv"
+PREDICTIONS = "predictions.csv"  # `fmnist-pl predict`'s
+
+
+def predictions_file(split: str) -> str:
+    """`predictions_test.csv`, `predictions_train.csv`: `fmnist-pl evaluate`'s predictions of a split."""
+    return f"predictions_{split}.csv"
 
 
 def confusion_matrix_file(split: str) -> str:
@@ -49,28 +54,21 @@ class TrainingFolder:
 
 @dataclass(frozen=True)
 class EvaluationFolder:
-    """A pipeline evaluation step: `fmnist-pl test` in test/, `predict` on a split in predict_<split>/."""
+    """A pipeline evaluation step: one `fmnist-pl evaluate` run folder plus its log."""
 
     path: Path
 
     @property
-    def test(self) -> Path:
-        return self.path / "test"
-
-    @property
     def test_metrics(self) -> Path:
-        return self.test / TEST_METRICS
+        return self.path / TEST_METRICS
 
     @property
     def confusion_test(self) -> Path:
-        return self.test / confusion_matrix_file("test")
-
-    def predict(self, split: str) -> Path:
-        """The `predict` run folder for `split` (test or train)."""
-        return self.path / f"predict_{split}"
+        return self.path / confusion_matrix_file("test")
 
     def predictions(self, split: str) -> Path:
-        return self.predict(split) / PREDICTIONS
+        """`fmnist-pl evaluate`'s predictions of `split` (test or train)."""
+        return self.path / predictions_file(split)
 
     @property
     def log(self) -> Path:

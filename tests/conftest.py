@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import struct
 from pathlib import Path
 
@@ -87,16 +86,7 @@ def tiny_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-FLOW_FILE = Path(__file__).resolve().parents[1] / "flows" / "full_pipeline.py"
-
-
-@pytest.fixture(scope="session")
-def flow_module():
-    """flows/full_pipeline.py imported without running anything (no Prefect server is started by importing)."""
-    spec = importlib.util.spec_from_file_location("full_pipeline_for_settings", FLOW_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+FLOW_FILE = Path(__file__).resolve().parents[1] / "flows" / "full_pipeline.py"  # what users run, as a script
 
 
 @pytest.fixture(scope="session")
@@ -111,11 +101,10 @@ def prefect_api() -> str:
 
 @pytest.fixture(scope="session")
 def pipeline(prefect_api: str):
-    """flows/full_pipeline.py as a module, talking to the session's Prefect server."""
-    spec = importlib.util.spec_from_file_location("full_pipeline", FLOW_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The pipeline's flow module (fmnist_pl/pipeline/flow.py), talking to the session's Prefect server."""
+    from fmnist_pl.pipeline import flow
+
+    return flow
 
 
 def write_fake_run(root: Path, accuracies: dict[str, float], seeds: tuple[int, ...] = (0,)) -> Path:
@@ -142,6 +131,7 @@ def write_fake_run(root: Path, accuracies: dict[str, float], seeds: tuple[int, .
             training = layout.TrainingFolder(root / "outputs" / "steps" / f"train-{network}-seed{seed}-key")
             evaluation = layout.EvaluationFolder(root / "outputs" / "steps" / f"evaluate-{network}-seed{seed}-key")
             training.path.mkdir(parents=True)
+            evaluation.path.mkdir(parents=True)
             pd.DataFrame({"epoch": [0, 1], "train/loss": [1.0, 0.5], "train/acc": [0.6, 0.8], "val/loss": [0.9, 0.6],
                           "val/acc": [0.7, accuracy], "lr": [1e-3, 1e-4], "epoch_seconds": [2.0, 2.0]}).to_csv(
                 training.history, index=False)  # fmt: skip
@@ -151,10 +141,8 @@ def write_fake_run(root: Path, accuracies: dict[str, float], seeds: tuple[int, .
                 for k, name in enumerate(CLASS_NAMES):
                     frame[f"p_{name}"] = (predicted == k).astype(float)
                 frame.index.name = "index"
-                evaluation.predict(split).mkdir(parents=True)
                 frame.to_csv(evaluation.predictions(split))
                 if split == "test":
-                    evaluation.test.mkdir(parents=True)
                     matrix = np.zeros((10, 10), dtype=int)
                     np.add.at(matrix, (labels, predicted), 1)
                     pd.DataFrame(matrix, CLASS_NAMES, CLASS_NAMES).to_csv(evaluation.confusion_test)

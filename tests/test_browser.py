@@ -11,7 +11,10 @@ from conftest import write_fake_run
 
 from fmnist_pl.report import build_report, markdown_with_embedded_figures
 
-pytestmark = pytest.mark.skipif(chromium() is None, reason="no Chromium here (Debian: apt-get install chromium)")
+pytestmark = [
+    pytest.mark.skipif(chromium() is None, reason="no Chromium here (Debian: apt-get install chromium)"),
+    pytest.mark.integration,  # a real browser in a subprocess
+]
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import N_TEST, tiny_args
+from conftest import N_TEST, N_TRAIN, tiny_args
 
+from fmnist_pl import layout
 from fmnist_pl.cli import main
+from fmnist_pl.configs import packaged_configs, profile_config
 from fmnist_pl.data import CLASS_NAMES
 from fmnist_pl.hardware import cpu_has_fast_bf16
 from fmnist_pl.networks import NETWORKS
-from fmnist_pl.settings import packaged_configs, profile_config
 
 
 def fit(data: Path, out: Path, *extra: str) -> Path:
@@ -50,6 +51,34 @@ def test_fit_then_test_from_the_checkpoint(tiny_data: Path, tmp_path: Path) -> N
     assert result["accuracy"] == pytest.approx(matrix.to_numpy().trace() / N_TEST)
     assert result["network"] == "cnn" and result["trainable_parameters"] == 116_859
     assert result["accuracy"] > 0.5
+
+
+@pytest.mark.integration
+def test_evaluate_writes_what_test_and_predict_write_in_one_command(tiny_data: Path, tmp_path: Path) -> None:
+    config = f"--config={profile_config('fast', 'bn_cnn')}"  # a network evaluated with flip TTA
+    main(["fit", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit"),
+          "--trainer.max_epochs=1"])  # fmt: skip
+    checkpoint = f"--ckpt_path={tmp_path / 'runs' / 'fit' / 'checkpoints' / 'best.ckpt'}"
+    for command in ("test", "predict"):
+        main([command, config, *tiny_args(tiny_data, tmp_path, f"--trainer.logger.init_args.version={command}"),
+              checkpoint])  # fmt: skip
+    main(["evaluate", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=evaluate"),
+          checkpoint, "--predict_splits=[train]"])  # fmt: skip
+    evaluated, runs = layout.EvaluationFolder(tmp_path / "runs" / "evaluate"), tmp_path / "runs"
+    tested = json.loads((runs / "test" / "test_metrics.json").read_text())
+    metrics = json.loads(evaluated.test_metrics.read_text())
+    assert metrics["test_time_flip"] is True
+    assert {k: v for k, v in metrics.items() if k != "test_images_per_second"} == {
+        k: v for k, v in tested.items() if k != "test_images_per_second"}  # fmt: skip
+    assert evaluated.confusion_test.read_text() == (runs / "test" / "confusion_matrix_test.csv").read_text()
+    predicted = pd.read_csv(evaluated.predictions("test"))
+    pd.testing.assert_frame_equal(predicted, pd.read_csv(runs / "predict" / "predictions.csv"))
+    train = pd.read_csv(evaluated.predictions("train"))
+    assert len(train) == N_TRAIN - 100  # the training split, less the 100 validation images
+    # The training split is predicted without flip TTA: each image's probabilities are its plain softmax.
+    main(["predict", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=plain"), checkpoint,
+          "--data.predict_split=train", "--model.test_time_flip=false"])  # fmt: skip
+    pd.testing.assert_frame_equal(train, pd.read_csv(runs / "plain" / "predictions.csv"))
 
 
 @pytest.mark.integration
@@ -195,3 +224,24 @@ def test_training_metrics_are_the_exact_per_image_means_of_the_epoch(
     # Plain cross-entropy whatever the smoothing used for training, so runs stay comparable with the study.
     assert logged["train/loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
     assert logged["train/acc"] == pytest.approx((logits.argmax(dim=1) == labels).float().mean().item(), abs=1e-9)
+
+
+def test_the_seed_reaches_the_data_module_as_an_argument(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fmnist_pl.data import FashionMNISTDataModule
+
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def stop_before_loading(self: FashionMNISTDataModule) -> None:
+        seen.append(self.hparams.seed)
+        raise Seen  # nothing trains
+
+    monkeypatch.setattr(FashionMNISTDataModule, "prepare_data", stop_before_loading)
+    for seed in (5, 6):
+        with pytest.raises(Seen):
+            main(["fit", *tiny_args(tiny_data, tmp_path), f"--seed_everything={seed}"])
+    assert seen == [5, 6]

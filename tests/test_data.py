@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import N_TEST, N_TRAIN, idx_bytes, make_split, write_idx_dir
 
-from fmnist_pl import data
-from fmnist_pl.data import FashionMNISTDataModule, ShardedBatches, load_dataset, load_predict_images, shift_and_flip
+from fmnist_pl import fashion_mnist
+from fmnist_pl.data import FashionMNISTDataModule, ShardedBatches, shift_and_flip
 from fmnist_pl.errors import ConfigError, DataError
+from fmnist_pl.fashion_mnist import load_dataset, load_predict_images
 
 
 def test_gz_and_raw_files_decode_to_the_same_tensors(tmp_path: Path) -> None:
@@ -26,21 +27,21 @@ def test_gz_and_raw_files_decode_to_the_same_tensors(tmp_path: Path) -> None:
 
 def test_sources_are_tried_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     named, env, local = (write_idx_dir(tmp_path / d) for d in ("named", "env", "local"))
-    monkeypatch.setattr(data, "KNOWN_LOCAL_COPIES", (local,))
+    monkeypatch.setattr(fashion_mnist, "KNOWN_LOCAL_COPIES", (local,))
     downloads = []
-    monkeypatch.setattr(data, "_download", lambda root: downloads.append(root) or write_idx_dir(root / "dl"))
+    monkeypatch.setattr(fashion_mnist, "_download", lambda root: downloads.append(root) or write_idx_dir(root / "dl"))
     cache = tmp_path / "cache"
-    assert data.locate_dataset(named, cache, download=True) == named
+    assert fashion_mnist.locate_dataset(named, cache, download=True) == named
     monkeypatch.setenv("FMNIST_DATA_DIR", str(env))
-    assert data.locate_dataset(None, cache, download=True) == env
+    assert fashion_mnist.locate_dataset(None, cache, download=True) == env
     monkeypatch.delenv("FMNIST_DATA_DIR")
-    assert data.locate_dataset(None, cache, download=True) == local
+    assert fashion_mnist.locate_dataset(None, cache, download=True) == local
     assert downloads == []
-    monkeypatch.setattr(data, "KNOWN_LOCAL_COPIES", (tmp_path / "nowhere",))
-    assert data.locate_dataset(None, cache, download=True) == cache / "download" / "dl"
+    monkeypatch.setattr(fashion_mnist, "KNOWN_LOCAL_COPIES", (tmp_path / "nowhere",))
+    assert fashion_mnist.locate_dataset(None, cache, download=True) == cache / "download" / "dl"
     assert downloads == [cache / "download"]
     with pytest.raises(DataError, match="download=False"):
-        data.locate_dataset(None, tmp_path / "other-cache", download=False)
+        fashion_mnist.locate_dataset(None, tmp_path / "other-cache", download=False)
 
 
 def test_failed_download_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,7 +52,7 @@ def test_failed_download_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", unreachable)
     with pytest.raises(DataError, match="could not download Fashion-MNIST.*no route to host.*data_dir"):
-        data._download(tmp_path)
+        fashion_mnist._download(tmp_path)
 
 
 def test_named_folder_without_the_files_is_not_silently_skipped(tmp_path: Path) -> None:
@@ -113,9 +114,10 @@ def test_official_check_rejects_wrong_counts_and_wrong_content(
         load_dataset(tiny_data, require_official=True)
     # With the counts made to match, the content hash is what catches a wrong dataset.
     tiny_counts = {
-        stem: (s, k, N_TRAIN if s == "train" else N_TEST, sha) for stem, (s, k, _, sha) in data.OFFICIAL_FILES.items()
+        stem: (s, k, N_TRAIN if s == "train" else N_TEST, sha)
+        for stem, (s, k, _, sha) in fashion_mnist.OFFICIAL_FILES.items()
     }
-    monkeypatch.setattr(data, "OFFICIAL_FILES", tiny_counts)
+    monkeypatch.setattr(fashion_mnist, "OFFICIAL_FILES", tiny_counts)
     with pytest.raises(DataError, match="content differs from the official Fashion-MNIST file"):
         load_dataset(tiny_data, require_official=True)
 
@@ -128,15 +130,15 @@ def test_decoded_tensors_are_cached_and_invalidated_when_a_file_changes(
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    real_decode = data.decode_dataset
-    monkeypatch.setattr(data, "decode_dataset", no_decoding)
+    real_decode = fashion_mnist.decode_dataset
+    monkeypatch.setattr(fashion_mnist, "decode_dataset", no_decoding)
     again = load_dataset(tiny_data, require_official=False)
     assert torch.equal(first.train_images, again.train_images) and again.sha256 == first.sha256
     changed = tiny_data / "t10k-labels-idx1-ubyte.gz"
     os.utime(changed, ns=(1, 1))
     with pytest.raises(AssertionError, match="decoded again"):
         load_dataset(tiny_data, require_official=False)
-    monkeypatch.setattr(data, "decode_dataset", real_decode)
+    monkeypatch.setattr(fashion_mnist, "decode_dataset", real_decode)
     assert torch.equal(load_dataset(tiny_data, require_official=False).test_labels, first.test_labels)
 
 
@@ -154,12 +156,12 @@ def test_a_damaged_cache_is_detected_rebuilt_and_never_trained_on(
         start = len(raw) // 2
         raw[start : start + len(raw) // 4] = b"\xff" * (len(raw) // 4)
     cache.write_bytes(bytes(raw))
-    with caplog.at_level("WARNING", logger="fmnist_pl.data"):
+    with caplog.at_level("WARNING", logger="fmnist_pl.fashion_mnist"):
         again = load_dataset(tiny_data, require_official=False)
     assert torch.equal(again.train_images, first.train_images) and torch.equal(again.test_images, first.test_images)
     assert [r.getMessage() for r in caplog.records if "checksum" in r.getMessage()] != []
     caplog.clear()
-    with caplog.at_level("WARNING", logger="fmnist_pl.data"):
+    with caplog.at_level("WARNING", logger="fmnist_pl.fashion_mnist"):
         load_dataset(tiny_data, require_official=False)  # the rebuilt cache verifies: no second warning
     assert not caplog.records
 
@@ -273,8 +275,8 @@ def test_an_unwritable_cache_folder_is_skipped_with_one_warning(
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "cache" / "x.tmp"))
 
-    monkeypatch.setattr(data, "atomic_write", read_only)
-    with caplog.at_level("WARNING", logger="fmnist_pl.data"):
+    monkeypatch.setattr(fashion_mnist, "atomic_write", read_only)
+    with caplog.at_level("WARNING", logger="fmnist_pl.fashion_mnist"):
         tensors = load_dataset(tiny_data, cache_dir=tmp_path / "cache", require_official=False)
     assert len(tensors.train_labels) == 640  # the run goes on, with the data decoded
     (warning,) = [r.getMessage() for r in caplog.records]

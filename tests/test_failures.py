@@ -20,10 +20,12 @@ import pytest
 import torch
 from conftest import FLOW_FILE, N_TEST, tiny_args
 
-from fmnist_pl import steps
 from fmnist_pl.cli import main
+from fmnist_pl.configs import profile_config
+from fmnist_pl.io import PlaceError
 from fmnist_pl.networks import NETWORKS
-from fmnist_pl.settings import PipelineSettings, profile_config
+from fmnist_pl.pipeline import command, processes, run_record, step_cache, tasks
+from fmnist_pl.pipeline.settings import PipelineSettings
 
 
 def cli_error(capsys: pytest.CaptureFixture, *args: str) -> list[str]:
@@ -81,12 +83,12 @@ def test_fit_with_no_epochs_or_an_endless_schedule_is_refused(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_a_gpu_this_machine_lacks_is_refused_by_the_cli_and_the_pipeline(
-    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flow_module
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:  # noqa: ANN001
     err = cli_error(capsys, "fit", *tiny_args(tiny_data, tmp_path), "--trainer.accelerator=gpu")
     assert err[-1].startswith("fmnist-pl: error: ") and "gpu" in err[-1].lower() and len(err) <= 2
     with pytest.raises(SystemExit) as exit_:
-        flow_module.parse_args(["--accelerator", "gpu"])
+        command.parse_args(["--accelerator", "gpu"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and "this machine has no usable CUDA GPU" in err[0] and "--help" in err[1]
@@ -159,21 +161,21 @@ def test_a_step_is_recorded_as_finished_only_when_its_outputs_exist(tmp_path: Pa
     promised = [work / "checkpoints" / "best.ckpt", work / "history.csv"]
     (work / "history.csv").write_text("epoch\n")
     with pytest.raises(RuntimeError, match=r"ended without writing checkpoints/best.ckpt"):
-        steps.mark_finished(work, {"dir": str(work)}, promised)
+        step_cache.mark_finished(work, {"dir": str(work)}, promised)
     assert not (work / "done.json").exists()
     promised[0].parent.mkdir()
     promised[0].write_bytes(b"x")
-    assert steps.mark_finished(work, {"dir": str(work)}, promised)["cached"] is False
+    assert step_cache.mark_finished(work, {"dir": str(work)}, promised)["cached"] is False
     assert (work / "done.json").is_file()
 
 
 def test_a_damaged_last_checkpoint_is_set_aside(tmp_path: Path) -> None:
     last = tmp_path / "last.ckpt"
     last.write_bytes(b"PK\x03\x04 cut short")
-    assert steps.set_aside_if_damaged(last) is True
+    assert step_cache.set_aside_if_damaged(last) is True
     assert not last.exists() and len(list(tmp_path.glob("last.ckpt.damaged-*"))) == 1
     good = fake_checkpoint(tmp_path / "good.ckpt", "cnn")
-    assert steps.set_aside_if_damaged(good) is False and good.is_file()
+    assert step_cache.set_aside_if_damaged(good) is False and good.is_file()
 
 
 def test_runs_whose_process_is_gone_are_marked_killed(tmp_path: Path) -> None:
@@ -185,7 +187,7 @@ def test_runs_whose_process_is_gone_are_marked_killed(tmp_path: Path) -> None:
         (tmp_path / name / "run.json").write_text(
             json.dumps({"status": status, "pid": pid, "host": socket.gethostname()})
         )
-    assert steps.mark_dead_runs(tmp_path, by=tmp_path / "new") == [tmp_path / "dead"]
+    assert run_record.mark_dead_runs(tmp_path, by=tmp_path / "new") == [tmp_path / "dead"]
     statuses = {n: json.loads((tmp_path / n / "run.json").read_text())["status"] for n in ("dead", "alive", "done")}
     assert statuses == {"dead": "killed", "alive": "running", "done": "completed"}
 
@@ -209,10 +211,10 @@ def test_a_step_folder_has_one_owner_at_a_time_and_a_dead_owner_frees_it(tmp_pat
     order = []
 
     def second() -> None:
-        with steps.step_lock(work):
+        with step_cache.step_lock(work):
             order.append("second")
 
-    with steps.step_lock(work):
+    with step_cache.step_lock(work):
         assert f"PID {os.getpid()}" in (work / ".lock").read_text()
         waiter = threading.Thread(target=second)
         waiter.start()
@@ -230,7 +232,7 @@ def test_a_step_folder_has_one_owner_at_a_time_and_a_dead_owner_frees_it(tmp_pat
     holder.kill()
     holder.wait()
     started = time.monotonic()
-    with steps.step_lock(work):  # no stale lock: the kernel released the dead owner's
+    with step_cache.step_lock(work):  # no stale lock: the kernel released the dead owner's
         pass
     assert time.monotonic() - started < 1
 
@@ -244,18 +246,16 @@ def tiny_settings(data: Path, out: Path, **overrides) -> PipelineSettings:
     return PipelineSettings(**{**base, **overrides})
 
 
-def test_damaged_data_files_stop_the_pipeline_before_it_starts(
-    tiny_data: Path, capsys: pytest.CaptureFixture, flow_module
-) -> None:  # noqa: ANN001
+def test_damaged_data_files_stop_the_pipeline_before_it_starts(tiny_data: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
     (tiny_data / "t10k-labels-idx1-ubyte.gz").write_bytes(os.urandom(300))
     with pytest.raises(SystemExit) as exit_:
-        flow_module.parse_args(["--data-dir", str(tiny_data)])
+        command.parse_args(["--data-dir", str(tiny_data)])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and "t10k-labels-idx1-ubyte.gz: cannot be read" in err[0]
     (tiny_data / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + bytes(20)))
     with pytest.raises(SystemExit):
-        flow_module.parse_args(["--data-dir", str(tiny_data)])
+        command.parse_args(["--data-dir", str(tiny_data)])
     assert "t10k-labels-idx1-ubyte.gz: not an IDX labels file" in capsys.readouterr().err
 
 
@@ -273,8 +273,8 @@ def test_bad_data_is_not_retried(pipeline, tmp_path: Path, monkeypatch: pytest.M
     ):
         (garbage / f"{stem}.gz").write_bytes(os.urandom(500))
     calls = []
-    real_load = pipeline.load_dataset
-    monkeypatch.setattr(pipeline, "load_dataset", lambda *a, **k: calls.append(1) or real_load(*a, **k))
+    real_load = tasks.load_dataset
+    monkeypatch.setattr(tasks, "load_dataset", lambda *a, **k: calls.append(1) or real_load(*a, **k))
     with pytest.raises(DataError, match="cannot be read"):
         pipeline.full_pipeline(tiny_settings(garbage, tmp_path / "out"))
     assert len(calls) == 1  # permanent: one attempt, no waits
@@ -293,7 +293,7 @@ def test_a_failed_download_is_retried_twice_then_stops_in_one_line(
         calls.append(1)
         raise DownloadError("could not download Fashion-MNIST (URLError: no network)")
 
-    monkeypatch.setattr(pipeline, "load_dataset", offline)
+    monkeypatch.setattr(tasks, "load_dataset", offline)
     monkeypatch.setattr(pipeline, "download_data", pipeline.download_data.with_options(retry_delay_seconds=0))
     with pytest.raises(DownloadError, match="could not download"):
         pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path))
@@ -385,10 +385,7 @@ def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
     assert json.loads((run / "run.json").read_text())["steps"]["train-dense-seed0"]["resumed"] is True
     assert list(pd.read_csv(run / "dense" / "seed-0" / "train" / "history.csv")["epoch"]) == list(range(40))
     assert (tmp_path / "latest").resolve() == run.resolve()
-    assert (
-        N_TEST
-        == json.loads((run / "dense" / "seed-0" / "evaluate" / "test" / "test_metrics.json").read_text())["images"]
-    )
+    assert N_TEST == json.loads((run / "dense" / "seed-0" / "evaluate" / "test_metrics.json").read_text())["images"]
 
 
 @pytest.mark.integration
@@ -511,7 +508,7 @@ def test_a_fresh_training_sets_aside_an_earlier_attempts_checkpoints(tmp_path: P
     folder.mkdir()
     (folder / "best.ckpt").write_text("old")
     (folder / "best-v1.ckpt").write_text("older")
-    assert {p.name for p in steps.set_aside_stale_checkpoints(folder)} == {"best.ckpt", "best-v1.ckpt"}
+    assert {p.name for p in step_cache.set_aside_stale_checkpoints(folder)} == {"best.ckpt", "best-v1.ckpt"}
     assert not list(folder.glob("*.ckpt")) and len(list(folder.glob("*.ckpt.stale-*"))) == 2  # kept, not evaluated
 
 
@@ -548,8 +545,8 @@ def png_header(path: Path, width: int, height: int) -> Path:
 def test_a_huge_image_to_predict_is_refused_in_one_line_without_a_warning(tmp_path: Path, side: int) -> None:
     import warnings
 
-    from fmnist_pl.data import load_predict_images
     from fmnist_pl.errors import DataError
+    from fmnist_pl.fashion_mnist import load_predict_images
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -566,7 +563,7 @@ def test_a_huge_image_to_predict_is_refused_in_one_line_without_a_warning(tmp_pa
 def test_one_image_file_is_accepted_to_predict_on(tmp_path: Path) -> None:
     from PIL import Image
 
-    from fmnist_pl.data import load_predict_images
+    from fmnist_pl.fashion_mnist import load_predict_images
 
     Image.fromarray(np.full((28, 28), 200, dtype=np.uint8)).save(tmp_path / "shoe.png")
     images, names = load_predict_images(tmp_path / "shoe.png")
@@ -616,16 +613,13 @@ def mount(tmp_path: Path):  # noqa: ANN201
 
 @pytest.mark.integration
 def test_a_read_only_output_folder_is_refused_in_one_line(
-    tiny_data: Path,
-    mount,
-    capsys: pytest.CaptureFixture,
-    flow_module,  # noqa: ANN001
+    tiny_data: Path, mount, capsys: pytest.CaptureFixture
 ) -> None:
     read_only = mount("ro", "ro,size=1m")
     err = cli_error(capsys, "fit", *tiny_args(tiny_data, read_only, "--model.network=cnn", "--trainer.max_epochs=1"))
     assert len(err) == 1 and f"{read_only}" in err[0] and "read-only" in err[0]
     with pytest.raises(SystemExit) as exit_:  # the pipeline: before Prefect's server starts
-        flow_module.parse_args(["--output-dir", str(read_only / "runs")])
+        command.parse_args(["--output-dir", str(read_only / "runs")])
     err = capsys.readouterr().err.splitlines()
     assert exit_.value.code == 2 and f"{read_only}: cannot write there, the file system is read-only" in err[0]
 
@@ -641,7 +635,7 @@ def test_a_full_disk_fails_the_pipeline_in_one_line_without_retries(
     with pytest.raises(Exception, match="no space left on the device") as error:
         pipeline.full_pipeline(tiny_settings(tiny_data, full))
     assert f"{full}/steps/train-dense-seed0-" in str(error.value).split("cannot write there")[0]  # names the folder
-    assert isinstance(error.value, (steps.BadInputError, pipeline.PlaceError))  # permanent: exit 2, not retried
+    assert isinstance(error.value, (processes.BadInputError, PlaceError))  # permanent: exit 2, not retried
     (log,) = full.glob("steps/train-dense-*/train.log")
     assert log.read_text().count("$ ") == 1  # one attempt
     (record,) = full.glob("*/run.json")
@@ -654,7 +648,6 @@ def test_data_the_pipeline_can_check_is_refused_before_prefect_starts_in_its_own
     tiny_data: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture,
-    flow_module,
     case: str,  # noqa: ANN001
 ) -> None:
     argv = ["--data-dir", str(tiny_data), "--no-require-official", "--output-dir", str(tmp_path / "out")]
@@ -674,7 +667,7 @@ def test_data_the_pipeline_can_check_is_refused_before_prefect_starts_in_its_own
         images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[: 16 + 320 * 784]))
     started = time.perf_counter()
     with pytest.raises(SystemExit) as exit_:
-        flow_module.parse_args(argv)
+        command.parse_args(argv)
     err = capsys.readouterr().err.splitlines()
     assert exit_.value.code == 2 and expected in err[0] and len(err) == 2  # the error, then the --help hint
     assert time.perf_counter() - started < 5

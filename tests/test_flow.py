@@ -15,7 +15,8 @@ import pytest
 from conftest import FLOW_FILE
 
 from fmnist_pl.networks import NETWORKS
-from fmnist_pl.settings import PipelineSettings
+from fmnist_pl.pipeline import tasks
+from fmnist_pl.pipeline.settings import PipelineSettings
 
 pytestmark = pytest.mark.integration  # real fits, a Prefect server, subprocesses
 
@@ -45,15 +46,13 @@ def test_whole_flow_trains_every_network_per_seed_writes_the_report_and_artifact
     assert trainings == sorted(f"train-{n}-seed{s}" for n in NETWORKS for s in (0, 1))  # one step per network × seed
     for network in NETWORKS:
         for seed in (0, 1):
-            metrics = json.loads(
-                (run_dir / network / f"seed-{seed}" / "evaluate" / "test" / "test_metrics.json").read_text()
-            )
+            metrics = json.loads((run_dir / network / f"seed-{seed}" / "evaluate" / "test_metrics.json").read_text())
             assert f"{metrics['accuracy']:.2%}" in report  # numbers come from the metrics files
             assert (run_dir / network / f"seed-{seed}" / "train" / "checkpoints" / "best.ckpt").is_file()
             assert not record["steps"][f"train-{network}-seed{seed}"]["cached"]
         # The report shows the first seed's training-set confusion matrix only: no other seed predicts that split.
-        assert (run_dir / network / "seed-0" / "evaluate" / "predict_train" / "predictions.csv").is_file()
-        assert not (run_dir / network / "seed-1" / "evaluate" / "predict_train").exists()
+        assert (run_dir / network / "seed-0" / "evaluate" / "predictions_train.csv").is_file()
+        assert not (run_dir / network / "seed-1" / "evaluate" / "predictions_train.csv").exists()
     seeds_differ = [
         pd.read_csv(run_dir / "cnn" / f"seed-{s}" / "train" / "history.csv")["train/loss"].tolist() for s in (0, 1)
     ]
@@ -83,7 +82,7 @@ def test_download_that_fails_once_succeeds_on_retry(
     pipeline, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    real_load = pipeline.load_dataset
+    real_load = tasks.load_dataset
 
     def flaky_load(*args, **kwargs):
         calls.append(1)
@@ -91,7 +90,7 @@ def test_download_that_fails_once_succeeds_on_retry(
             raise ConnectionError("mirror unreachable")
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "load_dataset", flaky_load)
+    monkeypatch.setattr(tasks, "load_dataset", flaky_load)
     monkeypatch.setattr(pipeline, "download_data", pipeline.download_data.with_options(retry_delay_seconds=0))
     run_dir = Path(pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path, models=["cnn"], epochs=1)))
     assert len(calls) == 2
@@ -180,7 +179,7 @@ def test_fresh_home_no_server_two_ddp_processes_quiet_console_and_no_traceback(t
     train_log = (run_dir / "cnn" / "seed-0" / "train" / "train.log").read_text()
     assert "Starting with 2 processes" in train_log or "MEMBER: 2/2" in train_log
     assert "$ env FMNIST_LAUNCHED=1 " in train_log
-    metrics = json.loads((run_dir / "cnn" / "seed-0" / "evaluate" / "test" / "test_metrics.json").read_text())
+    metrics = json.loads((run_dir / "cnn" / "seed-0" / "evaluate" / "test_metrics.json").read_text())
     assert metrics["images"] == 101
     assert "Test metric" in (run_dir / "cnn" / "seed-0" / "evaluate" / "evaluate.log").read_text()  # in the step's log
 

@@ -15,16 +15,19 @@ from conftest import write_fake_run
 
 from fmnist_pl.cli import main
 from fmnist_pl.networks import NETWORKS
-from fmnist_pl.report import (
-    STUDY,
-    build_report,
+from fmnist_pl.pipeline.settings import PipelineSettings
+from fmnist_pl.report import build_report
+from fmnist_pl.report.build import summarize
+from fmnist_pl.report.collect import collect_run
+from fmnist_pl.report.figures import figure_files
+from fmnist_pl.report.statistics import (
     confusion_from_predictions,
     mcnemar_p_value,
     most_confused,
     paired_comparison,
     per_class_scores,
 )
-from fmnist_pl.settings import PipelineSettings
+from fmnist_pl.report.study import STUDY
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +49,7 @@ def test_report_has_every_section_and_image(finished_run: Path) -> None:
                     "## Training images", "## Provenance"):  # fmt: skip
         assert heading in report
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    expected = {f"figures/{n}_{kind}.png" for n in NETWORKS
-                for kind in ("curves", "confusion_test", "confusion_train", "mistakes")} | {
-        "figures/samples.png", "figures/validation_accuracy.png", "figures/accuracy_against_cost.png"}  # fmt: skip
-    assert set(images) == expected
+    assert sorted(images) == sorted(figure_files(list(NETWORKS)))
     assert all((finished_run / image).stat().st_size > 5_000 for image in images)  # real plots, not empty files
     for network in NETWORKS:
         for table in ("confusion_matrix_test", "confusion_matrix_train", "per_class_test"):
@@ -62,9 +62,7 @@ def test_report_numbers_match_the_metrics_files(finished_run: Path) -> None:
     summary = json.loads((finished_run / "summary.json").read_text())
     report = (finished_run / "report.md").read_text()
     for network in NETWORKS:
-        metrics = json.loads(
-            (finished_run / network / "seed-0" / "evaluate" / "test" / "test_metrics.json").read_text()
-        )
+        metrics = json.loads((finished_run / network / "seed-0" / "evaluate" / "test_metrics.json").read_text())
         history = pd.read_csv(finished_run / network / "seed-0" / "train" / "history.csv")
         result = summary["networks"][network]["seeds"]["0"]
         assert result["test_accuracy"] == metrics["accuracy"] and result["test_loss"] == metrics["loss"]
@@ -73,7 +71,7 @@ def test_report_numbers_match_the_metrics_files(finished_run: Path) -> None:
         assert summary["networks"][network]["trainable_parameters"] == metrics["trainable_parameters"]
         assert f"{metrics['accuracy']:.2%}" in report
         train_matrix = pd.read_csv(finished_run / "tables" / f"{network}_confusion_matrix_train.csv", index_col=0)
-        predictions = pd.read_csv(finished_run / network / "seed-0" / "evaluate" / "predict_train" / "predictions.csv")
+        predictions = pd.read_csv(finished_run / network / "seed-0" / "evaluate" / "predictions_train.csv")
         assert train_matrix.to_numpy().sum() == len(predictions) == 540  # 640 training images less 100 validation
     assert (
         summary["provenance"]["data sha256"]
@@ -88,7 +86,9 @@ def test_html_report_is_self_contained(finished_run: Path) -> None:
     sources = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     assert (
-        page.count("<img") == len(re.findall(r"!\[", (finished_run / "report.md").read_text())) == 4 * len(NETWORKS) + 3
+        page.count("<img")
+        == len(re.findall(r"!\[", (finished_run / "report.md").read_text()))
+        == len(figure_files(list(NETWORKS)))
     )
 
 
@@ -107,7 +107,7 @@ def test_report_regenerates_from_a_finished_run_without_retraining(finished_run:
     original = json.loads((finished_run / "summary.json").read_text())["networks"]
     for network in fresh:
         assert fresh[network]["test_accuracy"] == original[network]["test_accuracy"]
-    assert len(list((copy / "figures").glob("*.png"))) == 4 * len(NETWORKS) + 3
+    assert len(list((copy / "figures").glob("*.png"))) == len(figure_files(list(NETWORKS)))
 
 
 def test_report_on_an_unfinished_run_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -136,13 +136,14 @@ def test_study_reference_figures_are_consistent() -> None:
         assert np.trace(matrix) / 10_000 == pytest.approx(figures["test_accuracy"])
 
 
+@pytest.mark.integration  # renders every figure: about 10 s
 def test_report_from_files_alone_covers_every_network_and_seed(tmp_path: Path) -> None:
     run = write_fake_run(tmp_path, {"dense": 0.88, "cnn": 0.9, "bn_cnn": 0.95}, seeds=(0, 1, 2))
     summary = build_report(run)
     report = (run / "report.md").read_text()
     assert [line for line in report.splitlines() if line.startswith("## ")][1:4] == ["## dense", "## cnn", "## bn_cnn"]
     for network in ("dense", "cnn", "bn_cnn"):
-        accuracies = [json.loads((run / network / f"seed-{seed}" / "evaluate" / "test" / "test_metrics.json")
+        accuracies = [json.loads((run / network / f"seed-{seed}" / "evaluate" / "test_metrics.json")
                                  .read_text())["accuracy"] for seed in (0, 1, 2)]  # fmt: skip
         result = summary["networks"][network]
         assert [result["seeds"][str(s)]["test_accuracy"] for s in (0, 1, 2)] == accuracies  # read, not recomputed
@@ -157,9 +158,11 @@ def test_report_from_files_alone_covers_every_network_and_seed(tmp_path: Path) -
     assert "with flip test-time augmentation" not in report.split("## cnn")[1].split("##")[0]
     assert "seed-spec" not in report and '"Neural Networks", Hoyt Thomas, 2020-03-12' in report
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert len(images) == 15 and all((run / image).stat().st_size > 5_000 for image in images)
+    assert len(images) == len(figure_files(["dense", "cnn", "bn_cnn"])) and all(
+        (run / image).stat().st_size > 5_000 for image in images
+    )
     page = (run / "report.html").read_text()
-    assert page.count("class='card'") == 3 and "90 % goal reached" in page and "90 % goal not reached" in page
+    assert page.count('class="card"') == 3 and "90 % goal reached" in page and "90 % goal not reached" in page
     assert "@media print" in page and "<th></th>" not in page.split("<h2>dense</h2>")[0]  # no pandas index column
 
 
@@ -198,17 +201,19 @@ def test_paired_comparison_tie_not_significant_and_significant() -> None:
 
 
 def test_verdict_names_a_winner_only_when_the_test_says_so(tmp_path: Path) -> None:
-    clear = build_report(write_fake_run(tmp_path / "a", {"dense": 0.5, "cnn": 0.5, "bn_cnn": 0.97}, seeds=(0, 1)))
+    # The verdict from the run's files alone (summarize: what build_report writes, without the figures).
+    clear = summarize(collect_run(write_fake_run(tmp_path / "a", {"dense": 0.5, "cnn": 0.5, "bn_cnn": 0.97}, (0, 1))))
     verdict = clear["verdict"]
     assert verdict.startswith("**bn_cnn** is the most accurate network, significantly ahead of every other.")
     assert "**bn_cnn** beats dense" in verdict and "**bn_cnn** beats cnn" in verdict
     assert "no detectable difference" in verdict.split("beats cnn")[1]  # dense against cnn: same accuracy
     assert "goal of 90% test accuracy is reached by **bn_cnn**" in verdict
-    tie = build_report(write_fake_run(tmp_path / "b", {"dense": 0.6, "cnn": 0.6}))["verdict"]
+    tie = summarize(collect_run(write_fake_run(tmp_path / "b", {"dense": 0.6, "cnn": 0.6})))["verdict"]
     assert tie.startswith("No network is significantly more accurate") and "beats" not in tie
     assert "No network reaches the study's goal of 90%" in tie
 
 
+@pytest.mark.integration  # renders every figure: about 8 s
 def test_prefect_artifact_markdown_embeds_every_figure_and_names_the_run_folder(tmp_path: Path) -> None:
     import base64
     import io
@@ -222,7 +227,11 @@ def test_prefect_artifact_markdown_embeds_every_figure_and_names_the_run_folder(
     markdown = markdown_with_embedded_figures(run)
     assert "](figures/" not in markdown  # the Prefect UI cannot see the run folder: no relative links
     images = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([^)]+)\)", markdown)
-    assert len(images) == len(re.findall(r"!\[", (run / "report.md").read_text())) == 11
+    assert (
+        len(images)
+        == len(re.findall(r"!\[", (run / "report.md").read_text()))
+        == len(figure_files(["dense", "bn_cnn"]))
+    )
     for data in images:
         width, height = Image.open(io.BytesIO(base64.b64decode(data))).size
         assert 0 < max(width, height) <= 800

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 from conftest import FLOW_FILE, N_TEST, tiny_args
 
-from fmnist_pl.settings import PipelineSettings
-from fmnist_pl.steps import descendants
+from fmnist_pl.pipeline.processes import descendants
+from fmnist_pl.pipeline.settings import PipelineSettings
 
 pytestmark = pytest.mark.integration  # several processes, a Prefect server
 REPO = FLOW_FILE.parents[1]
@@ -132,7 +132,7 @@ def test_the_flow_trains_on_two_slurm_nodes_through_its_train_launcher(
     log = (run / "cnn" / "seed-0" / "train" / "train.log").read_text()
     assert f"$ {sys.executable} {FAKE_SRUN} --nodes 2" in log
     assert "MEMBER: 1/2" in log and "Starting with 2 processes" in log  # two SLURM tasks joined one job
-    metrics = json.loads((run / "cnn" / "seed-0" / "evaluate" / "test" / "test_metrics.json").read_text())
+    metrics = json.loads((run / "cnn" / "seed-0" / "evaluate" / "test_metrics.json").read_text())
     assert metrics["images"] == N_TEST
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pydantic
 import pytest
 
-from fmnist_pl import layout, steps
+from fmnist_pl import layout
+from fmnist_pl.configs import packaged_configs, profile_config
 from fmnist_pl.networks import NETWORKS
-from fmnist_pl.settings import PipelineSettings, add_settings_arguments, packaged_configs, profile_config
+from fmnist_pl.pipeline import command, flow, processes, scheduling, step_cache
+from fmnist_pl.pipeline.settings import PipelineSettings, add_settings_arguments
 
 
 def test_every_field_is_a_command_line_option_with_its_default_and_help() -> None:
@@ -27,15 +30,15 @@ def test_every_field_is_a_command_line_option_with_its_default_and_help() -> Non
     assert (parsed.models, parsed.epochs, parsed.require_official) == (["cnn", "bn_cnn"], 3, False)
 
 
-def test_flow_command_line_builds_the_settings(flow_module, tiny_data: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_flow_command_line_builds_the_settings(tiny_data: Path, tmp_path: Path) -> None:  # noqa: ANN001
     out = ["--output-dir", str(tmp_path)]
-    args, settings = flow_module.parse_args(["--epochs", "2", "--devices", "2", "--data-dir", str(tiny_data), *out])
+    args, settings = command.parse_args(["--epochs", "2", "--devices", "2", "--data-dir", str(tiny_data), *out])
     assert args.command == "run"
     assert settings == PipelineSettings(epochs=2, devices="2", data_dir=str(tiny_data), output_dir=str(tmp_path))
-    args, settings = flow_module.parse_args(["serve", "--cron", "0 3 * * *", "--models", "dense", *out])
+    args, settings = command.parse_args(["serve", "--cron", "0 3 * * *", "--models", "dense", *out])
     assert (args.command, args.cron, settings.models) == ("serve", "0 3 * * *", ["dense"])
     with pytest.raises(SystemExit):
-        flow_module.parse_args(["--models", "resnet"])
+        command.parse_args(["--models", "resnet"])
 
 
 def test_settings_become_the_cli_options_of_each_step() -> None:
@@ -79,15 +82,15 @@ def test_bad_settings_are_rejected_before_any_work(bad: dict) -> None:
         PipelineSettings(**bad)
 
 
-def test_a_profile_without_a_config_for_a_network_is_one_clear_error(flow_module) -> None:  # noqa: ANN001
+def test_a_profile_without_a_config_for_a_network_is_one_clear_error() -> None:  # noqa: ANN001
     from fmnist_pl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="profile 'reference' has no config for network 'bn_cnn'"):
-        flow_module.network_config(PipelineSettings(profile="reference"), "bn_cnn")
+        PipelineSettings(profile="reference").config_file("bn_cnn")
 
 
-def test_step_keys_change_with_what_decides_the_result_only(flow_module) -> None:  # noqa: ANN001
-    key = flow_module.training_key  # the function the training task calls
+def test_step_keys_change_with_what_decides_the_result_only() -> None:  # noqa: ANN001
+    key = step_cache.training_key  # the function the training task calls
     data = {"sha256": {"train-images-idx3-ubyte": "a", "decoded": "b"}}
     base = key("bn_cnn", 0, PipelineSettings(), data, 2)
     assert base == key("bn_cnn", 0, PipelineSettings(train_launcher="srun"), data, 2)  # how, not what
@@ -96,7 +99,7 @@ def test_step_keys_change_with_what_decides_the_result_only(flow_module) -> None
                key("bn_cnn", 0, PipelineSettings(), data, 1), key("cnn", 0, PipelineSettings(), data, 2),
                key("bn_cnn", 0, PipelineSettings(), {"sha256": {**data["sha256"], "decoded": "c"}}, 2)]  # fmt: skip
     assert len({base, *changed}) == 6  # seed, epochs, threads, network, the decoded data's checksum
-    evaluation = flow_module.evaluation_key
+    evaluation = step_cache.evaluation_key
     assert len({evaluation("t", data, True), evaluation("t", data, False), evaluation("u", data, True)}) == 3
 
 
@@ -106,12 +109,13 @@ def test_run_layout_names_every_file_once(tmp_path: Path) -> None:
     seed = tmp_path / "run" / "cnn" / "seed-1"
     assert run.training("cnn", 1).best_checkpoint == seed / "train" / "checkpoints" / "best.ckpt"
     evaluation = run.evaluation("cnn", 1)
-    assert evaluation.test_metrics == seed / "evaluate" / "test" / "test_metrics.json"
+    assert evaluation.test_metrics == seed / "evaluate" / "test_metrics.json"
     assert evaluation.confusion_test.name == "confusion_matrix_test.csv"
-    assert evaluation.predictions("train") == seed / "evaluate" / "predict_train" / "predictions.csv"
+    assert evaluation.predictions("train") == seed / "evaluate" / "predictions_train.csv"
     assert layout.step_folder(tmp_path, "train", "cnn", 1, "abc") == tmp_path / "train-cnn-seed1-abc"
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_importing_the_package_changes_nothing_global() -> None:
     """Warning filters, environment variables and matplotlib's backend are the entry points' business."""
     import subprocess
@@ -119,11 +123,11 @@ def test_importing_the_package_changes_nothing_global() -> None:
 
     probe = (
         # The dependencies first: torch and Lightning set filters and variables of their own when imported.
-        "import os, sys, warnings, torch, torchvision, lightning, torchmetrics, pandas, matplotlib, pydantic; "
+        "import os, sys, warnings, torch, torchvision, lightning, torchmetrics, pandas, matplotlib, pydantic, prefect; "
         "import lightning.pytorch.cli, matplotlib.figure; "
         "backend = dict.__getitem__(matplotlib.rcParams, 'backend'); "
         "filters = list(warnings.filters); env = dict(os.environ); "
-        "import fmnist_pl, fmnist_pl.cli, fmnist_pl.report, fmnist_pl.callbacks, fmnist_pl.settings; "
+        "import fmnist_pl, fmnist_pl.cli, fmnist_pl.report, fmnist_pl.callbacks, fmnist_pl.pipeline.command; "
         "assert warnings.filters == filters, 'warning filters changed'; assert dict(os.environ) == env, 'env changed'; "
         "assert dict.__getitem__(matplotlib.rcParams, 'backend') == backend, 'matplotlib backend chosen'"
     )
@@ -131,15 +135,15 @@ def test_importing_the_package_changes_nothing_global() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_cpu_threads_follow_training_cost_and_use_every_core(flow_module) -> None:  # noqa: ANN001
-    shares = steps.cpu_thread_shares
+def test_cpu_threads_follow_training_cost_and_use_every_core() -> None:  # noqa: ANN001
+    shares = scheduling.cpu_thread_shares
     costs = {"dense": 1.2e12, "cnn": 0.5e12, "bn_cnn": 11e12}  # estimates for the fast profile
     assert shares(costs, 2) == {"dense": 1, "cnn": 1, "bn_cnn": 2}  # it would otherwise finish alone on one core
     assert shares(costs, 4) == {"dense": 1, "cnn": 1, "bn_cnn": 2}
     assert shares(costs, 8) == {"dense": 2, "cnn": 1, "bn_cnn": 5}
     assert sum(shares(costs, 16).values()) == 16
     assert shares({"dense": 1.2e12, "cnn": 0.5e12}, 2) == {"dense": 1, "cnn": 1}  # no clear winner: no oversubscribing
-    assert flow_module.training_cost(PipelineSettings(), "bn_cnn") > 5 * flow_module.training_cost(
+    assert scheduling.training_cost(PipelineSettings(), "bn_cnn") > 5 * scheduling.training_cost(
         PipelineSettings(), "dense"
     )
 
@@ -147,12 +151,11 @@ def test_cpu_threads_follow_training_cost_and_use_every_core(flow_module) -> Non
 def test_a_networks_threads_depend_on_the_profile_and_the_cores_only() -> None:
     # Threads change a convolution's sums, so what else a run trains must not change a network's thread count.
     costs = {"bn_cnn": 11e12, "dense": 1.2e12, "cnn": 0.5e12}
-    assert steps.training_plan(costs, 2) == {"bn_cnn": 2, "dense": 1, "cnn": 1}
-    assert sum(steps.training_plan(costs, 16).values()) == 16  # all at once when the cores allow
+    assert scheduling.training_plan(costs, 2) == {"bn_cnn": 2, "dense": 1, "cnn": 1}
+    assert sum(scheduling.training_plan(costs, 16).values()) == 16  # all at once when the cores allow
 
 
 def test_the_flow_gives_a_network_the_same_threads_whatever_else_it_trains(
-    flow_module,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,  # noqa: ANN001
 ) -> None:
@@ -164,14 +167,16 @@ def test_the_flow_gives_a_network_the_same_threads_whatever_else_it_trains(
     def stop(*args):  # noqa: ANN002, ANN202
         raise RuntimeError("planned")
 
-    monkeypatch.setattr(steps, "STOPPING", threading.Event())  # the flow's stop path sets it: keep it to this test
-    monkeypatch.setattr(flow_module.train_model, "submit", plan_training)
-    monkeypatch.setattr(flow_module.evaluate_model, "submit", stop)
-    monkeypatch.setattr(flow_module.download_data, "submit", lambda *a: {"source_dir": "x", "sha256": {}})
-    monkeypatch.setattr(flow_module.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(processes, "STOPPING", threading.Event())  # the flow's stop path sets it: keep it to this test
+    monkeypatch.setattr(flow.train_model, "submit", plan_training)
+    monkeypatch.setattr(flow.evaluate_model, "submit", stop)
+    monkeypatch.setattr(
+        flow.download_data, "submit", lambda *a: SimpleNamespace(result=lambda: {"source_dir": "x", "sha256": {}})
+    )
+    monkeypatch.setattr(scheduling.os, "cpu_count", lambda: 2)
     for models, seeds in ((["bn_cnn"], [0]), (None, [0]), (None, [0, 1, 2]), (["cnn"], [0, 1])):
         with pytest.raises(RuntimeError, match="planned"):
-            flow_module.full_pipeline.fn(PipelineSettings(models=models, seeds=seeds, output_dir=str(tmp_path)))
+            flow.full_pipeline.fn(PipelineSettings(models=models, seeds=seeds, output_dir=str(tmp_path)))
     assert planned[("bn_cnn", 0)] == {(2, 2)}  # alone or beside the others, one seed or three
     assert planned[("cnn", 0)] == planned[("cnn", 1)] == planned[("dense", 2)] == {(1, 2)}
 
@@ -180,7 +185,7 @@ def test_training_queue_starts_trainings_in_ticket_order_within_its_budget() -> 
     import threading
     import time
 
-    queue, started, running, most = steps.TrainingQueue(budget=2), [], [0], [0]
+    queue, started, running, most = scheduling.TrainingQueue(budget=2), [], [0], [0]
     lock = threading.Lock()
 
     def train(ticket: int, cached: bool = False) -> None:
@@ -206,7 +211,7 @@ def test_training_queue_starts_trainings_in_ticket_order_within_its_budget() -> 
         thread.join(timeout=10)
     assert started == [0, 1, 3, 4, 5] and most[0] == 2  # ticket 2 was cached: it held nobody up
 
-    big = steps.TrainingQueue(budget=4)
+    big = scheduling.TrainingQueue(budget=4)
     with big.turn(0, threads=2), big.turn(1, threads=2):  # 2 + 2 threads fit a budget of 4 ...
         blocked = threading.Thread(target=lambda: big.turn(2, threads=1).__enter__())
         blocked.start()
@@ -226,22 +231,23 @@ def test_training_queue_starts_trainings_in_ticket_order_within_its_budget() -> 
     ],
 )
 def test_bad_pipeline_options_stop_in_one_line_before_any_work(
-    flow_module, capsys: pytest.CaptureFixture, argv: list[str], message: str
+    capsys: pytest.CaptureFixture, argv: list[str], message: str
 ) -> None:  # noqa: ANN001
     with pytest.raises(SystemExit) as exit_:
-        flow_module.parse_args(argv)
+        command.parse_args(argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and message in err[0] and "--help" in err[1]  # the error first, a hint after, no usage
 
 
+@pytest.mark.integration  # a subprocess
 def test_tests_and_the_processes_they_start_never_use_the_users_home(isolated_home: Path) -> None:
     import subprocess
     import sys
 
     from conftest import USERS_HOME
 
-    probe = ("from pathlib import Path; from fmnist_pl.data import default_cache_dir; "
+    probe = ("from pathlib import Path; from fmnist_pl.fashion_mnist import default_cache_dir; "
              "from prefect.settings import PREFECT_HOME; print(Path.home(), default_cache_dir(), PREFECT_HOME.value())")  # fmt: skip
     home, cache, prefect_home = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                                                check=True).stdout.split()  # fmt: skip

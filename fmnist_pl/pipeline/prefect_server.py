@@ -24,6 +24,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_SERVER_ANALYTICS_ENABLED,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    temporary_settings,
+)
+
+from fmnist_pl.pipeline.processes import stop_children
+from fmnist_pl.pipeline.run_record import record_lost
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -113,3 +122,38 @@ def watch_server(api_url: str, on_lost: Callable[[str], None], every: float = 2.
         yield
     finally:
         done.set()
+
+
+def prefect_defaults() -> dict:
+    """Settings for Prefect's local server, where the user has not set them."""
+    defaults = {
+        # Analytics race the temporary server's fresh database and print a `database is locked` traceback.
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+        # The default 20 s start-up limit is too short for a busy 2-core laptop.
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120,
+    }
+    return {setting: value for setting, value in defaults.items() if setting.name not in os.environ}
+
+
+@contextlib.contextmanager
+def prefect_api(output_dir: str) -> Iterator[None]:
+    """The user's Prefect server where PREFECT_API_URL names one, else a temporary one that this run owns; either
+    is watched, and a run whose server stops answering ends in one line (`end_on_lost_server`)."""
+    with temporary_settings(updates=prefect_defaults()):
+        if url := PREFECT_API_URL.value():
+            with watch_server(url, end_on_lost_server):
+                yield
+            return
+        with temporary_server(Path(output_dir) / ".prefect-server.log") as url, \
+                temporary_settings(updates={PREFECT_API_URL: url}), watch_server(url, end_on_lost_server):  # fmt: skip
+            print(f"fmnist-pl pipeline: temporary Prefect server on {url} (no PREFECT_API_URL set)")
+            yield
+
+
+def end_on_lost_server(message: str) -> None:
+    """The run's Prefect server is gone: stop the trainings, record the failure, say so in one line and exit now.
+    A normal exit would run Prefect's exit handlers, which retry their calls to the dead server for minutes."""
+    stop_children()
+    record_lost(message)
+    print(f"fmnist-pl pipeline failed: {message}", file=sys.stderr, flush=True)
+    os._exit(1)

@@ -15,24 +15,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fmnist_pl.configs import PROFILES, profile_config
 from fmnist_pl.errors import ConfigError
 from fmnist_pl.networks import NETWORKS
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 NetworkName = Literal[tuple(NETWORKS)]  # type: ignore[valid-type]  # the registry's names, for validation and the UI
 
-
-def packaged_configs() -> dict[str, Path]:
-    """Config files shipped in the package, by name (`reference_dense`, `fast_bn_cnn`, ...)."""
-    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
-
-
-def profile_config(profile: str, network: str) -> Path | None:
-    """The packaged config `<profile>_<network>.yaml`, or None when the profile has none for that network."""
-    return packaged_configs().get(f"{profile}_{network}")
-
-
-PROFILES = tuple(sorted({name.split("_", 1)[0] for name in packaged_configs()}))
 ProfileName = Literal[PROFILES]  # type: ignore[valid-type]
 
 
@@ -99,6 +87,13 @@ class PipelineSettings(BaseModel):
             raise ConfigError("--accelerator mps: this machine has no Apple GPU; use --accelerator cpu or auto")
         if wants_gpu and self.devices.isdigit() and int(self.devices) > torch.cuda.device_count():
             raise ConfigError(f"--devices {self.devices}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+    def config_file(self, network: str) -> Path:
+        """The packaged config of `network` in this run's profile."""
+        config = profile_config(self.profile, network)
+        if config is None:
+            raise ConfigError(f"profile {self.profile!r} has no config for network {network!r}; choose other --models")
+        return config
 
     def networks(self) -> list[str]:
         """The networks this run trains: those asked for, else every one the profile has a config for."""

@@ -1,0 +1,65 @@
+"""The Prefect flow: download → train every network once per seed → evaluate each → comparison report."""
+
+# No `from __future__ import annotations`: Prefect builds the flow's parameter model from the real annotations,
+# and a served run cannot resolve them from strings.
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from fmnist_pl import layout
+from fmnist_pl.pipeline.processes import begin_run, stop_children
+from fmnist_pl.pipeline.run_record import CURRENT, RunRecord, link, mark_dead_runs, new_run_dir, point_latest_at
+from fmnist_pl.pipeline.scheduling import cpu_schedule
+from fmnist_pl.pipeline.settings import PipelineSettings
+from fmnist_pl.pipeline.tasks import download_data, evaluate_model, train_model, write_report
+
+
+@flow(name="fmnist-full-pipeline", log_prints=True)
+def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # noqa: B008 - immutable, shown in the UI
+    """Download → train → evaluate → report; returns the run folder."""
+    settings.check_hardware()  # also where a served run lands: the worker's machine decides
+    begin_run()
+    configs = {network: str(settings.config_file(network)) for network in settings.networks()}  # fails before work
+    output = Path(settings.output_dir).resolve()
+    run = layout.RunFolder(new_run_dir(output))
+    for dead in mark_dead_runs(output, by=run.path):
+        get_run_logger().warning(f"run {dead.name} was killed before it finished: marked as such in its run.json")
+    steps_dir = str(output / layout.STEPS_DIR)
+    record = CURRENT["run"] = RunRecord(run, networks=list(configs), seeds=settings.seeds,
+                                        settings=settings.model_dump(), configs=configs)  # fmt: skip
+    print(f"fmnist-pl pipeline: run folder {run.path}")
+
+    def finish(step: str, future):  # noqa: ANN001, ANN202
+        """The step's result, recording in run.json which step failed and why if it did."""
+        try:
+            result = future.result()
+        except Exception as e:
+            record.end("failed", e, step=step)
+            raise
+        record.step_done(step, result)
+        return result
+
+    try:
+        data = finish("download", download_data.submit(settings.data_dir, settings.require_official))
+        # Costliest network first within each seed: the longest training starts first and sets the pace.
+        networks, budget, threads = cpu_schedule(settings)
+        runs = [(network, seed) for seed in settings.seeds for network in networks]
+        trainings = {(n, s): train_model.submit(n, s, settings, data, steps_dir, threads.get(n), budget, ticket)
+                     for ticket, (n, s) in enumerate(runs)}  # fmt: skip
+        evaluations = {(n, s): evaluate_model.submit(n, s, trainings[n, s], settings, data, steps_dir) for n, s in runs}
+        for network, seed in runs:  # the run folder shows each training's step folders, which stay shared and cached
+            trained = finish(layout.step_name("train", network, seed), trainings[network, seed])
+            link(run.training(network, seed).path, Path(trained["dir"]))
+        for network, seed in runs:
+            evaluated = finish(layout.step_name("evaluate", network, seed), evaluations[network, seed])
+            link(run.evaluation(network, seed).path, Path(evaluated["dir"]))
+        finish("report", write_report.submit(str(run.path)))
+    except BaseException as e:  # stopped (SIGTERM, Ctrl-C) or failed: stop every training, and say so
+        stop_children()
+        if record.running:
+            record.end("stopped", e)
+        raise
+    record.end("completed")
+    point_latest_at(run.path)
+    print(f"fmnist-pl pipeline: done, report at {run.report('.md')}")
+    return str(run.path)

@@ -1,0 +1,137 @@
+"""The pipeline's child processes: every step runs the `fmnist-pl` command in a subprocess of its own (its whole
+output into the step's log, its per-epoch lines to the flow's log), and a stopping flow stops them all.
+
+A subprocess, because Lightning's DDP launcher re-runs the current command for every extra rank: inside the flow's
+process that command would be the whole flow. It also keeps a step's prints, warnings and process-wide state
+(seeds, warning filters) out of the flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
+
+from fmnist_pl.callbacks import EPOCH_LINE_PREFIX
+
+
+class StepFailed(RuntimeError):
+    """A step's command failed; the message names the command, its last line of output and its log file."""
+
+
+class BadInputError(StepFailed):
+    """The CLI rejected an option, the data, a checkpoint or the machine (exit code 2): retrying cannot help."""
+
+
+STOPPING = threading.Event()  # set when a flow run stops or fails: waiting trainings give up instead of starting
+LIVE_CHILDREN: set[subprocess.Popen] = set()  # step subprocesses, stopped with the flow (stop_children)
+
+
+def stopping() -> bool:
+    """Whether the flow run in this process is stopping."""
+    return STOPPING.is_set()
+
+
+def begin_run() -> None:
+    """A new flow run in this process: whatever stopped an earlier one no longer applies."""
+    STOPPING.clear()
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The current Prefect task's or flow's logger; outside a run (helpers called directly), a plain logger."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("fmnist_pl.pipeline")
+
+
+def log_into(folder: Path) -> list[str]:
+    """CLI options that make a run write into exactly `folder` (CSVLogger's save_dir/name/version)."""
+    return [f"--trainer.logger.init_args.save_dir={folder.parent}", "--trainer.logger.init_args.name=",
+            f"--trainer.logger.init_args.version={folder.name}"]  # fmt: skip
+
+
+def run_step_command(
+    args: list[str], log_file: Path, env: dict[str, str] | None = None, launcher: str = "", keep_open: tuple = ()
+) -> None:
+    """Run `[launcher] python -m fmnist_pl ARGS` in its own process; raise StepFailed (BadInputError for exit
+    code 2) naming its last line and log. `launcher` (e.g. `srun`) starts the command once per task of a
+    multi-node allocation, as Lightning's multi-node guide does."""
+    logger = run_logger()
+    command = [*shlex.split(launcher), sys.executable, "-m", "fmnist_pl", *args]
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    if STOPPING.is_set():
+        raise StepFailed("the pipeline is stopping")
+    with open(log_file, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env={**os.environ, **(env or {})},
+            # The step folder's lock travels with the command: if this flow is killed outright, a training that
+            # outlives it still owns the folder, and the next run waits for it instead of training beside it.
+            pass_fds=tuple(keep_open),
+            # Ctrl-C in a terminal reaches the whole process group; the flow decides, and stops this command.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+        LIVE_CHILDREN.add(process)
+        try:
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                if line.startswith(EPOCH_LINE_PREFIX):
+                    logger.info(line.rstrip())
+            process.wait()
+        finally:
+            LIVE_CHILDREN.discard(process)
+            if process.poll() is None:  # the flow is stopping: do not leave a training running on its own
+                stop_process_tree(process)
+    if process.returncode != 0:
+        last = next((line for line in reversed(log_file.read_text().splitlines()) if line.strip()), "")
+        error = BadInputError if process.returncode == 2 else StepFailed
+        raise error(f"`fmnist-pl {args[0]}` failed (exit code {process.returncode}): {last.strip()} [log: {log_file}]")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc; elsewhere none): launchers such as torchrun start their workers in
+    sessions of their own, out of reach of a process-group kill."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_process_tree(process: subprocess.Popen) -> None:
+    """Kill a step's subprocess and everything it started (DDP ranks, a launcher's workers). SIGKILL: Lightning
+    catches SIGTERM and trains on; nothing is lost, the next run resumes from the last epoch's checkpoint."""
+    for pid in [*descendants(process.pid), process.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
+def stop_children() -> None:
+    """The flow is stopping (Prefect's SIGTERM handler, Ctrl-C, a failure): no training is left running on its
+    own, none waiting starts, no step retries."""
+    STOPPING.set()
+    for process in list(LIVE_CHILDREN):
+        stop_process_tree(process)

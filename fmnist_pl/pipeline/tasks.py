@@ -1,0 +1,160 @@
+"""The pipeline's steps as Prefect tasks: download, train, evaluate, report. Each passes file paths, not tensors;
+training and evaluation run the `fmnist-pl` command a user runs by hand, in a subprocess, into a cached step
+folder (step_cache.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
+
+from fmnist_pl import layout
+from fmnist_pl.cli import USER_ERRORS
+from fmnist_pl.errors import DownloadError
+from fmnist_pl.fashion_mnist import load_dataset
+from fmnist_pl.io import naming_place, place_error
+from fmnist_pl.pipeline.processes import BadInputError, log_into, run_step_command, stopping
+from fmnist_pl.pipeline.scheduling import training_queue
+from fmnist_pl.pipeline.settings import PipelineSettings
+from fmnist_pl.pipeline.step_cache import (
+    evaluation_key,
+    mark_finished,
+    reuse_finished,
+    set_aside_if_damaged,
+    set_aside_stale_checkpoints,
+    step_lock,
+    training_key,
+)
+from fmnist_pl.report import build_report, markdown_with_embedded_figures
+
+
+def retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001
+    """Prefect retry condition: retry what may pass on a second try (a download, a killed or crashed subprocess),
+    never a rejected option, data file, checkpoint or machine."""
+    if stopping():  # the flow was told to stop: no second attempt
+        return False
+    try:
+        state.result()
+    except DownloadError:
+        return True
+    except (BadInputError, *USER_ERRORS):
+        return False
+    except OSError as e:  # a full disk or a read-only folder stays so on a second try
+        return place_error(e) is None
+    except Exception:
+        return True
+    return True
+
+
+@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_unless_bad_input, task_run_name="download")
+def download_data(data_dir: str | None, require_official: bool) -> dict:
+    """Find or download Fashion-MNIST, verify it and cache the decoded tensors; return its folder and checksums."""
+    started = time.perf_counter()
+    tensors = load_dataset(data_dir, require_official=require_official)  # what the data module's prepare_data runs
+    get_run_logger().info(f"Fashion-MNIST from {tensors.source_dir}, verified")
+    return {
+        "source_dir": tensors.source_dir,
+        # The decoded tensors' own checksum beside the files': a step's key then names the data it was trained on.
+        "sha256": {**tensors.sha256, "decoded": tensors.digest()},
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+@task(
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_condition_fn=retry_unless_bad_input,
+    task_run_name="train-{network}-seed{seed}",
+)
+def train_model(
+    network: str, seed: int, settings: PipelineSettings, data: dict, steps_dir: str, threads: int | None = None,
+    budget: int = 1, ticket: int = 0,
+) -> dict:  # fmt: skip
+    """`fmnist-pl fit` for one network and seed; cached on its inputs, resumed from last.ckpt after an interruption.
+    Trainings start in `ticket` order within a budget of `budget` threads (scheduling.py)."""
+    queue = training_queue(str(flow_run.id), budget)
+    logger = get_run_logger()
+    key = training_key(network, seed, settings, data, threads)
+    work = layout.TrainingFolder(layout.step_folder(Path(steps_dir), "train", network, seed, key))
+    what = f"{network} seed {seed} training"
+    try:
+        if finished := reuse_finished(work.path, what):
+            return finished
+        with queue.turn(ticket, threads or 1), step_lock(work.path) as lock, naming_place(work.path):
+            if finished := reuse_finished(work.path, what):  # another run finished it meanwhile
+                return finished
+            resume = work.last_checkpoint.is_file() and not set_aside_if_damaged(work.last_checkpoint)
+            if not resume:  # an earlier attempt's best.ckpt must never be what this training's evaluation loads
+                set_aside_stale_checkpoints(work.best_checkpoint.parent)
+            logger.info(f"training{' (resuming)' if resume else ''}{f' on {threads} thread(s)' if threads else ''}; "
+                        f"log: {work.log}")  # fmt: skip
+            started = time.perf_counter()
+            run_step_command(
+                ["fit", f"--config={settings.config_file(network)}", *settings.cli_options(data_dir=data["source_dir"]),
+                 f"--seed_everything={seed}", *log_into(work.path), "--trainer.enable_progress_bar=false",
+                 *([f"--ckpt_path={work.last_checkpoint}"] if resume else [])],
+                work.log,
+                env={"OMP_NUM_THREADS": str(threads)} if threads else None,
+                launcher=settings.train_launcher or "",
+                keep_open=(lock.fileno(),),
+            )  # fmt: skip
+            result = {"network": network, "seed": seed, "dir": str(work.path),
+                      "wall_seconds": round(time.perf_counter() - started, 2), "resumed": resume}  # fmt: skip
+            return mark_finished(work.path, result, [work.best_checkpoint, work.last_checkpoint, work.history])
+    finally:
+        queue.pass_turn(ticket)  # whatever happened, later trainings are not held up
+
+
+@task(
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retry_condition_fn=retry_unless_bad_input,
+    task_run_name="evaluate-{network}-seed{seed}",
+)
+def evaluate_model(
+    network: str, seed: int, trained: dict, settings: PipelineSettings, data: dict, steps_dir: str
+) -> dict:
+    """`fmnist-pl evaluate` on the best checkpoint: test metrics and predictions, and for the run's first seed the
+    training split's predictions too (the report shows the first seed's training-set confusion matrix only)."""
+    training_split = seed == settings.seeds[0]
+    key = evaluation_key(trained["dir"], data, training_split)
+    work = layout.EvaluationFolder(layout.step_folder(Path(steps_dir), "evaluate", network, seed, key))
+    what = f"{network} seed {seed} evaluation"
+    if finished := reuse_finished(work.path, what):
+        return finished
+    with step_lock(work.path), naming_place(work.path):
+        if finished := reuse_finished(work.path, what):
+            return finished
+        get_run_logger().info(f"evaluating; log: {work.log}")
+        best = layout.TrainingFolder(Path(trained["dir"])).best_checkpoint
+        started = time.perf_counter()
+        run_step_command(
+            ["evaluate", f"--config={settings.config_file(network)}", f"--ckpt_path={best}",
+             *settings.cli_options(data_dir=data["source_dir"], devices=1, strategy="auto", num_nodes=1),
+             f"--seed_everything={seed}", f"--predict_splits=[{'train' if training_split else ''}]",
+             *log_into(work.path), "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"],
+            work.log,
+        )  # fmt: skip
+        result = {"network": network, "seed": seed, "dir": str(work.path), "train_dir": trained["dir"],
+                  "wall_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+        outputs = [work.test_metrics, work.confusion_test, work.predictions("test")]
+        return mark_finished(work.path, result, outputs + [work.predictions("train")] * training_split)
+
+
+@task(retries=1, task_run_name="report")
+def write_report(run_dir: str) -> dict:
+    """Build the comparison report from the run folder's files and publish it as Prefect artifacts."""
+    started = time.perf_counter()
+    run = layout.RunFolder(Path(run_dir))
+    summary = build_report(run.path)
+    create_markdown_artifact(  # figures inlined: the UI cannot see the run folder's files
+        markdown=markdown_with_embedded_figures(run.path),
+        key="fmnist-report",
+        description="fmnist-pl comparison report",
+    )
+    create_table_artifact(table=summary["table"], key="fmnist-results", description="Test accuracy per network")
+    return {"report": str(run.report(".md")), "wall_seconds": round(time.perf_counter() - started, 2)}
