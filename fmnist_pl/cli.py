@@ -215,7 +215,11 @@ def run_cli(argv: list[str] | None = None) -> None:
             "callbacks": [LastCheckpoint()],  # listed here, so that `--trainer.callbacks` can replace it
         },
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False},  # argument errors reach main(), which prints them in one line
+        parser_kwargs={
+            "exit_on_error": False,  # argument errors reach main(), which prints them in one line
+            "epilog": "One more command: `fmnist-pl report RUN_DIR` rebuilds a pipeline run's report "
+            "(`fmnist-pl report --help`).",
+        },
         auto_configure_optimizers=False,
     )
 

@@ -64,12 +64,13 @@ def download_data(data_dir: str | None, require_official: bool) -> dict:
     }
 
 
-@task(
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=10),
-    retry_condition_fn=retry_unless_bad_input,
-    task_run_name="train-{network}-seed{seed}",
-)
+def step_task(run_name: str, backoff_seconds: float):  # noqa: ANN201 - Prefect's decorator
+    """A training or evaluation task: retried twice, after `backoff_seconds` then more, unless a retry cannot help."""
+    return task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=backoff_seconds),
+                retry_condition_fn=retry_unless_bad_input, task_run_name=run_name)  # fmt: skip
+
+
+@step_task("train-{network}-seed{seed}", backoff_seconds=10)
 def train_model(
     network: str, seed: int, settings: PipelineSettings, data: dict, steps_dir: str, threads: int | None = None,
     budget: int = 1, ticket: int = 0,
@@ -109,12 +110,7 @@ def train_model(
         queue.pass_turn(ticket)  # whatever happened, later trainings are not held up
 
 
-@task(
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_condition_fn=retry_unless_bad_input,
-    task_run_name="evaluate-{network}-seed{seed}",
-)
+@step_task("evaluate-{network}-seed{seed}", backoff_seconds=5)
 def evaluate_model(
     network: str, seed: int, trained: dict, settings: PipelineSettings, data: dict, steps_dir: str
 ) -> dict:
