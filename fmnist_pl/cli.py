@@ -140,7 +140,7 @@ class FashionMNISTCLI(LightningCLI):
                                   if config and any(a.startswith(f"--model.{option}") for a in self.command_line)}  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config  # no subcommand: run=False
+        config = self.config[self.subcommand]
         for option, value in self.inference_options.items():  # over the checkpoint's hyper-parameters
             config["model"][option] = value
         trainer = config["trainer"]
