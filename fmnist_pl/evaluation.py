@@ -22,7 +22,7 @@ class FashionMNISTTrainer(L.Trainer):
         self,
         model: L.LightningModule,
         datamodule: L.LightningDataModule,
-        ckpt_path: str | None = None,
+        ckpt_path: str,
         predict_splits: list[Split] | None = None,
     ) -> None:
         """Test, then predict the test split and each of `predict_splits`, into one folder.
@@ -30,7 +30,7 @@ class FashionMNISTTrainer(L.Trainer):
         Args:
             model: the network to evaluate (its weights come from `ckpt_path`).
             datamodule: the data.
-            ckpt_path: the checkpoint to evaluate, e.g. a fit's checkpoints/best.ckpt.
+            ckpt_path: the checkpoint to evaluate, e.g. a fit's checkpoints/best.ckpt (required).
             predict_splits: splits to write predictions_<split>.csv for besides test's, e.g. [train]. Flip
                 test-time augmentation (when the model uses it) applies to the test split only: the other splits'
                 predictions show what the network learned, not its best test-time answer.

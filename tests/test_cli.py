@@ -245,3 +245,10 @@ def test_the_seed_reaches_the_data_module_as_an_argument(
         with pytest.raises(Seen):
             main(["fit", *tiny_args(tiny_data, tmp_path), f"--seed_everything={seed}"])
     assert seen == [5, 6]
+
+
+def test_evaluate_needs_a_checkpoint(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:  # evaluating an untrained network is never what was meant
+        main(["evaluate", *tiny_args(tiny_data, tmp_path)])
+    assert exit_.value.code == 2
+    assert "required: evaluate.ckpt_path" in capsys.readouterr().err
