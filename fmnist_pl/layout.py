@@ -29,27 +29,20 @@ def confusion_matrix_file(split: str) -> str:
     return f"confusion_matrix_{split}.csv"
 
 
+def file_in_folder(name: str) -> property:
+    """A folder's file or subfolder `name`, as a read-only attribute: `TrainingFolder(p).history` is p/history.csv."""
+    return property(lambda folder: folder.path / name, doc=f"<folder>/{name}")
+
+
 @dataclass(frozen=True)
 class TrainingFolder:
     """A pipeline training step: one `fmnist-pl fit` run folder plus its log."""
 
     path: Path
-
-    @property
-    def history(self) -> Path:
-        return self.path / HISTORY
-
-    @property
-    def best_checkpoint(self) -> Path:
-        return self.path / BEST_CHECKPOINT
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.path / LAST_CHECKPOINT
-
-    @property
-    def log(self) -> Path:
-        return self.path / "train.log"
+    history = file_in_folder(HISTORY)
+    best_checkpoint = file_in_folder(BEST_CHECKPOINT)
+    last_checkpoint = file_in_folder(LAST_CHECKPOINT)
+    log = file_in_folder("train.log")
 
 
 @dataclass(frozen=True)
@@ -57,22 +50,13 @@ class EvaluationFolder:
     """A pipeline evaluation step: one `fmnist-pl evaluate` run folder plus its log."""
 
     path: Path
-
-    @property
-    def test_metrics(self) -> Path:
-        return self.path / TEST_METRICS
-
-    @property
-    def confusion_test(self) -> Path:
-        return self.path / confusion_matrix_file("test")
+    test_metrics = file_in_folder(TEST_METRICS)
+    confusion_test = file_in_folder(confusion_matrix_file("test"))
+    log = file_in_folder("evaluate.log")
 
     def predictions(self, split: str) -> Path:
         """`fmnist-pl evaluate`'s predictions of `split` (test or train)."""
         return self.path / predictions_file(split)
-
-    @property
-    def log(self) -> Path:
-        return self.path / "evaluate.log"
 
 
 @dataclass(frozen=True)
@@ -80,26 +64,14 @@ class RunFolder:
     """One pipeline run: its record, report and a train/evaluate link pair per network."""
 
     path: Path
-
-    @property
-    def record(self) -> Path:
-        return self.path / "run.json"
-
-    @property
-    def figures(self) -> Path:
-        return self.path / "figures"
-
-    @property
-    def tables(self) -> Path:
-        return self.path / "tables"
+    record = file_in_folder("run.json")
+    figures = file_in_folder("figures")
+    tables = file_in_folder("tables")
+    summary = file_in_folder("summary.json")
 
     def report(self, suffix: str) -> Path:
         """report.md, report.html; summary.json is `summary`."""
         return self.path / f"report{suffix}"
-
-    @property
-    def summary(self) -> Path:
-        return self.path / "summary.json"
 
     def training(self, network: str, seed: int) -> TrainingFolder:
         return TrainingFolder(self.path / network / f"seed-{seed}" / "train")

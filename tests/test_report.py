@@ -236,3 +236,16 @@ def test_prefect_artifact_markdown_embeds_every_figure_and_names_the_run_folder(
         width, height = Image.open(io.BytesIO(base64.b64decode(data))).size
         assert 0 < max(width, height) <= 800
     assert f"Run folder: `{run.resolve()}`" in markdown
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 30])
+def test_epoch_axes_show_whole_epochs_even_for_a_one_epoch_run(epochs: int) -> None:
+    from matplotlib.figure import Figure
+
+    from fmnist_pl.report.figures import epoch_axis
+
+    ax = Figure().subplots()
+    ax.plot(range(1, epochs + 1), [0.9] * epochs, "o-")  # one point alone used to get ticks 0.96, 0.98, ...
+    epoch_axis(ax, epochs)
+    shown = [tick for tick in ax.get_xticks() if 0.5 <= tick <= epochs + 0.5]
+    assert shown and all(float(tick).is_integer() for tick in shown)
