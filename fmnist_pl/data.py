@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from fmnist_pl.errors import ConfigError
 from fmnist_pl.fashion_mnist import CLASS_NAMES, IMAGE_SIZE, FashionMNISTTensors, load_dataset, load_predict_images
 
-__all__ = ["CLASS_NAMES", "FashionMNISTDataModule", "ShardedBatches", "shift_and_flip"]
+__all__ = ["CLASS_NAMES", "FashionMNISTDataModule", "ShardedBatches", "Split", "shift_and_flip"]
+
+Split = Literal["test", "train", "val"]  # the splits `predict` (and `evaluate`) can classify
 
 
 def shift_and_flip(
@@ -113,7 +115,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         augment: bool = False,
         max_shift: int = 2,
         alternating_flips: bool = False,
-        predict_split: Literal["test", "train", "val"] = "test",
+        predict_split: Split = "test",
         predict_path: str | None = None,
         seed: int | None = None,
     ) -> None:

@@ -8,11 +8,9 @@ LightningCLI turns a Trainer method into a subcommand, its arguments into option
 
 from __future__ import annotations
 
-from typing import Literal
-
 import lightning as L
 
-Split = Literal["test", "train", "val"]
+from fmnist_pl.data import Split
 
 
 class FashionMNISTTrainer(L.Trainer):

@@ -52,8 +52,7 @@ def read_record(run: RunFolder) -> dict:
     """The run's record, checked to be a complete run's."""
     try:
         record = json.loads(read(run.record, "run record (run.json)").read_text())
-        steps, networks, seeds = record["steps"], record["networks"], record.get("seeds", [0])
-        record["settings"]  # noqa: B018 - a run record has its settings
+        steps, networks, seeds, _ = record["steps"], record["networks"], record.get("seeds", [0]), record["settings"]
     except (ValueError, KeyError, TypeError) as e:  # not JSON, cut off, or not a run record
         raise DataError(f"{run.record} is damaged or not a pipeline run record ({type(e).__name__}: {e}); "
                         "run the pipeline again to write a new run") from e  # fmt: skip
