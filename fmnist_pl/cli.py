@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
@@ -17,10 +18,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from fmnist_pl.callbacks import EpochHistory, EvaluationFiles, LastCheckpoint, PredictionsWriter
 from fmnist_pl.configs import packaged_configs
 from fmnist_pl.data import FashionMNISTDataModule
-from fmnist_pl.errors import ConfigError, FmnistError
+from fmnist_pl.errors import ConfigError, FmnistError, check_seed
 from fmnist_pl.evaluation import FashionMNISTTrainer
+from fmnist_pl.fashion_mnist import load_predict_images
 from fmnist_pl.hardware import cpu_has_fast_bf16, on_cpu
-from fmnist_pl.io import place_error
+from fmnist_pl.io import check_output_place, place_error
 from fmnist_pl.module import FashionMNISTClassifier, read_checkpoint
 
 CKPT_KEYWORDS = {"best", "last", "hpc", "registry"}  # ckpt_path values Lightning resolves itself
@@ -29,6 +31,7 @@ CKPT_KEYWORDS = {"best", "last", "hpc", "registry"}  # ckpt_path values Lightnin
 INFERENCE_OPTIONS = ("test_time_flip",)
 # Errors a user fixes (an option, a file, the machine), never a bug: one line, exit code 2, no retry.
 USER_ERRORS = (FmnistError, MisconfigurationException, ArgumentError)
+DEFAULT_SAVE_DIR = "outputs"  # where CLI runs go (outputs/runs/version_N/) unless --trainer.default_root_dir says
 
 
 def quiet_known_warnings() -> None:
@@ -68,11 +71,7 @@ def resolve_config_names(argv: list[str]) -> list[str]:
         elif arg.startswith("--config="):
             name, slot = arg.split("=", 1)[1], None
         if name is not None and Path(name).is_file():
-            try:  # jsonargparse would end in a 70-line traceback
-                Path(name).read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"config {name} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                                  "pass a YAML file") from e  # fmt: skip
+            check_config_file(Path(name))
         if name is None or Path(name).exists():
             continue
         path = packaged_configs().get(name.replace("-", "_").removesuffix(".yaml"))
@@ -85,6 +84,27 @@ def resolve_config_names(argv: list[str]) -> list[str]:
         else:
             resolved[slot] = str(path)
     return resolved
+
+
+def check_config_file(path: Path) -> None:
+    """A config file is UTF-8 YAML holding a mapping of options; else one ConfigError naming the file and, for a
+    syntax error, its line (jsonargparse names neither, or ends in a 70-line traceback)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text ({e.reason} at byte {e.start}); pass a YAML file") from e
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config {path} is not valid YAML{where}: {problem}; fix that line") from e
+    if content is None:
+        raise ConfigError(f"config {path} is empty; write options into it (`fmnist-pl fit --print_config` lists "
+                          "them) or leave it out")  # fmt: skip
+    if not isinstance(content, dict):
+        raise ConfigError(f"config {path} holds a {type(content).__name__}, not options (`key: value` lines)")
 
 
 def default_progress_bar() -> ProgressBar:
@@ -132,6 +152,15 @@ class FashionMNISTCLI(LightningCLI):
         # Next, Lightning replaces the model's options with the checkpoint's hyper-parameters, without a word when
         # they disagree and with a traceback when the file is damaged. Check the file first.
         config = self.config.get(self.config.get("subcommand") or "", {})
+        seed = config.get("seed_everything") if config else None
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            try:
+                check_seed(seed)
+            except ConfigError as e:
+                raise ConfigError(f"--seed_everything: {e}") from None
+        if config and self.config.subcommand == "predict" and config["data"].get("predict_path"):
+            # The images are read (and refused) before a model, a trainer or a run folder exists.
+            load_predict_images(config["data"]["predict_path"])
         ckpt_path = config.get("ckpt_path") if config else None
         if ckpt_path and ckpt_path not in CKPT_KEYWORDS:
             check_checkpoint(ckpt_path, config, self.config.subcommand, self.command_line)
@@ -144,6 +173,12 @@ class FashionMNISTCLI(LightningCLI):
         for option, value in self.inference_options.items():  # over the checkpoint's hyper-parameters
             config["model"][option] = value
         trainer = config["trainer"]
+        logger_args = getattr(trainer.get("logger"), "init_args", None)  # None: no logger, or not one with a save_dir
+        if logger_args is not None and "save_dir" in logger_args:
+            # As in Lightning, --trainer.default_root_dir decides where a run writes, unless the logger is told.
+            if trainer.get("default_root_dir") and logger_args["save_dir"] == DEFAULT_SAVE_DIR:
+                logger_args["save_dir"] = trainer["default_root_dir"]
+            check_output_place(logger_args["save_dir"], "output folder")
         # The packaged configs ask for bf16-mixed, which is 1.3-2x faster on CPUs with AVX-512 BF16 or AMX and on
         # GPUs, and about 10x slower where the CPU has to emulate it. A config file's bf16 therefore gives way to
         # fp32 on such a CPU; asked for on the command line, it is kept.
@@ -210,7 +245,7 @@ def run_cli(argv: list[str] | None = None) -> None:
         trainer_defaults={
             "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": "outputs", "name": "runs"},
+                "init_args": {"save_dir": DEFAULT_SAVE_DIR, "name": "runs"},
             },
             "callbacks": [LastCheckpoint()],  # listed here, so that `--trainer.callbacks` can replace it
         },
@@ -240,8 +275,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except OSError as e:  # a full disk, a read-only or foreign folder: one line naming it; other errors are bugs
         # An error on an open file names no file: then name the run's output folder, where a run writes.
-        save_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--trainer.logger.init_args.save_dir=")),
-                        "outputs")  # fmt: skip
+        save_dir = next((a.split("=", 1)[1] for a in args if a.startswith(("--trainer.logger.init_args.save_dir=",
+                                                                           "--trainer.default_root_dir="))),
+                        DEFAULT_SAVE_DIR)  # fmt: skip
         if (error := place_error(e, save_dir)) is None:
             raise
         print(f"fmnist-pl: error: {error}", file=sys.stderr)

@@ -4,21 +4,26 @@ digest that every read checks; and images given for `predict`."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
 import re
+import socket
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 
 from fmnist_pl.errors import DataError, DownloadError
-from fmnist_pl.io import atomic_write
+from fmnist_pl.io import PLACE_ERRORS, atomic_write
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -59,7 +64,9 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def unreadable(path: Path, error: Exception) -> DataError:
-    """The error for a data file that cannot be opened or decompressed."""
+    """The error for a data file that cannot be opened or decompressed, by its real cause."""
+    if isinstance(error, PermissionError):
+        return DataError(f"{path}: cannot be read, permission denied; make it readable (chmod a+r) or copy it")
     return DataError(f"{path}: cannot be read ({error}); the file is truncated or corrupt, copy or download it again")
 
 
@@ -137,9 +144,18 @@ def missing_files(directory: Path) -> list[str]:
 
 
 def _file_in(directory: Path, stem: str) -> Path | None:
+    """`stem` or `stem.gz` in `directory`, None if neither; a DataError for a folder that cannot be read or a
+    folder in a data file's place."""
     for name in (stem, stem + ".gz"):
-        if (directory / name).is_file():
-            return directory / name
+        path = directory / name
+        try:
+            if path.is_file():
+                return path
+            if path.is_dir():
+                raise DataError(f"{path} is a folder, not a data file; put the IDX file {name} there instead")
+        except PermissionError as e:
+            raise DataError(f"{directory}: cannot be read, permission denied; make the folder readable "
+                            "(chmod a+rx) or use another one") from e  # fmt: skip
     return None
 
 
@@ -147,42 +163,87 @@ def _complete(directory: Path) -> bool:
     return all(_file_in(directory, stem) for stem in OFFICIAL_FILES)
 
 
-def _download(root: Path) -> Path:
+def check_download_reachable(cache_dir: Path, option: str) -> None:
+    """Before a download: can the official mirrors' names be resolved at all (at most 5 s)? If not, there is no
+    network, and a DataError (never retried) says where the data was looked for and what to do; `option` is how
+    the caller's users name a data folder (`--data.data_dir`, `--data-dir`)."""
+    from torchvision.datasets import FashionMNIST
+
+    hosts = [urlsplit(mirror).hostname for mirror in FashionMNIST.mirrors]
+    errors: list[str] = []
+
+    def resolve() -> None:
+        for host in hosts:
+            try:
+                socket.getaddrinfo(host, 80)
+                return
+            except OSError as e:
+                errors.append(f"cannot resolve {host}: {e.strerror or e}")
+
+    lookup = threading.Thread(target=resolve, daemon=True)
+    lookup.start()
+    lookup.join(timeout=5)
+    if lookup.is_alive():
+        errors.append(f"no answer from the name server for {hosts[0]} in 5 s")
+    elif len(errors) < len(hosts):
+        return
+    looked_in = [f"{option} and ${DATA_DIR_ENV} (not set)", *map(str, KNOWN_LOCAL_COPIES),
+                 str(cache_dir / "download" / "FashionMNIST" / "raw")]  # fmt: skip
+    raise DataError(f"Fashion-MNIST not found (looked in {', '.join(looked_in)}) and no network to download it "
+                    f"({errors[0]}); pass {option} DIR, a folder with the four IDX files, or install Debian's "
+                    "dataset-fashion-mnist package")  # fmt: skip
+
+
+def _download(root: Path, option: str) -> Path:
     """Fetch the official files through torchvision (which checks their MD5s); return the folder holding them."""
     from torchvision.datasets import FashionMNIST
 
+    check_download_reachable(root.parent, option)
     try:
         for train in (True, False):
             FashionMNIST(root=str(root), train=train, download=True)
     except Exception as e:  # network errors come in many types; all mean the same to the user
+        reason = " ".join(str(e).split())[:200]  # torchvision's message spans lines, one per mirror
         raise DownloadError(
-            f"could not download Fashion-MNIST ({type(e).__name__}: {e}); point --data.data_dir or ${DATA_DIR_ENV} "
+            f"could not download Fashion-MNIST ({type(e).__name__}: {reason}); point {option} or ${DATA_DIR_ENV} "
             "at a folder with the four IDX files, or install Debian's dataset-fashion-mnist package"
         ) from e
     return root / "FashionMNIST" / "raw"
 
 
-def locate_dataset(data_dir: str | Path | None, cache_dir: Path, download: bool) -> Path:
-    """The folder holding the four IDX files: the one named, known local copies, else the official download."""
+def local_copy(cache_dir: Path) -> Path | None:
+    """The first complete copy of the four files on this machine (Debian's, an earlier download), or None."""
+    for directory in (*KNOWN_LOCAL_COPIES, cache_dir / "download" / "FashionMNIST" / "raw"):
+        if _complete(directory):
+            return directory
+    return None
+
+
+def locate_dataset(
+    data_dir: str | Path | None, cache_dir: Path, download: bool, option: str = "--data.data_dir"
+) -> Path:
+    """The folder holding the four IDX files: the one named, known local copies, else the official download.
+    `option` is how the caller's users name a data folder, for the errors."""
     named = data_dir or os.environ.get(DATA_DIR_ENV)
     if named:
         directory = Path(named).expanduser()
+        if not directory.is_dir():
+            what = "is a file, not a folder" if directory.exists() else "does not exist"
+            raise DataError(f"{option} {directory} {what}; name the folder that holds the four IDX files")
         if missing := missing_files(directory):
             raise DataError(
                 f"{directory} lacks {', '.join(missing)} (.gz or not); put the Fashion-MNIST IDX files there "
-                f"or unset --data.data_dir / ${DATA_DIR_ENV} to use a local copy or the download"
+                f"or unset {option} / ${DATA_DIR_ENV} to use a local copy or the download"
             )
         return directory
-    download_root = cache_dir / "download"
-    for directory in (*KNOWN_LOCAL_COPIES, download_root / "FashionMNIST" / "raw"):
-        if _complete(directory):
-            return directory
+    if (directory := local_copy(cache_dir)) is not None:
+        return directory
     if not download:
         raise DataError(
             f"Fashion-MNIST not found (looked in {', '.join(str(d) for d in KNOWN_LOCAL_COPIES)}) and download=False; "
-            f"set --data.data_dir or ${DATA_DIR_ENV}, or install Debian's dataset-fashion-mnist package"
+            f"set {option} or ${DATA_DIR_ENV}, or install Debian's dataset-fashion-mnist package"
         )
-    return _download(download_root)
+    return _download(cache_dir / "download", option)
 
 
 @dataclass
@@ -256,10 +317,12 @@ def load_dataset(
     cache_dir: str | Path | None = None,
     download: bool = True,
     require_official: bool = True,
+    option: str = "--data.data_dir",
 ) -> FashionMNISTTensors:
-    """Find, verify and decode Fashion-MNIST, or load the tensors a previous call cached on disk."""
+    """Find, verify and decode Fashion-MNIST, or load the tensors a previous call cached on disk (`option`: how the
+    caller's users name a data folder, for the errors)."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    directory = locate_dataset(data_dir, cache_dir, download)
+    directory = locate_dataset(data_dir, cache_dir, download, option)
     cache = _cache_path(directory, cache_dir, require_official)
     if cache.is_file():
         if (tensors := _read_verified_cache(cache)) is not None:
@@ -270,15 +333,25 @@ def load_dataset(
         )
     tensors = decode_dataset(directory, require_official)
     try:
+        # Serialized in memory, then written as plain bytes: on a full disk torch.save's own writer reports only
+        # "[enforce fail at inline_container.cc] unexpected pos", while write_bytes raises ENOSPC, which says why.
+        buffer = io.BytesIO()
+        torch.save({**vars(tensors), "digest": tensors.digest()}, buffer)
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(cache) as tmp:
-            torch.save({**vars(tensors), "digest": tensors.digest()}, tmp)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        logging.getLogger(__name__).warning(
-            f"{cache.parent}: cannot write the decoded-data cache there ({str(e).splitlines()[0][:120]}); "
-            "going on without it (each run decodes the files again)"
-        )
+            tmp.write_bytes(buffer.getbuffer())
+    except OSError as e:
+        reason = PLACE_ERRORS.get(e.errno) or e.strerror or str(e)
+        warn_once(f"{cache.parent}: cannot write the decoded-data cache there ({reason}); going on without it "
+                  "(each run decodes the files again)")  # fmt: skip
     return tensors
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    """Log a warning the first time this process meets it: the CLI and the pipeline load the data more than once
+    (prepare_data and setup; the download and report steps), and one line says it all."""
+    logging.getLogger(__name__).warning(message)
 
 
 def _read_verified_cache(cache: Path) -> FashionMNISTTensors | None:

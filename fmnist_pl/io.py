@@ -49,15 +49,50 @@ def naming_place(folder: str | Path) -> Iterator[None]:
         raise (place_error(e, folder) or e) from e
 
 
-def check_writable(folder: str | Path) -> None:
+# Kernel file systems that show the system's state as files: nothing a run writes belongs there.
+PSEUDO_FILE_SYSTEMS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+                       "configfs", "pstore", "bpf", "efivarfs", "fusectl", "mqueue", "binfmt_misc", "autofs"}  # fmt: skip
+
+
+def check_output_place(folder: str | Path, option: str) -> None:
+    """Refuse, in one line naming it, an output folder that cannot be one: an existing file, a path under a file,
+    or a place on a kernel pseudo file system (/proc, /sys); writes nothing. `option` is how the user named it."""
+    folder = Path(folder).expanduser().absolute()
+    for place in (folder, *folder.parents):
+        if place.exists() and not place.is_dir():
+            where = "is a file" if place == folder else f"lies under {place}, which is a file"
+            raise PlaceError(f"{option} {folder} {where}, not a folder; choose another folder")
+        if place.exists():
+            break
+    file_system = mount_type(folder)
+    if file_system in PSEUDO_FILE_SYSTEMS:
+        raise PlaceError(f"{option} {folder} lies on the kernel's {file_system} file system, which holds no files of "
+                         "yours; choose another folder")  # fmt: skip
+
+
+def mount_type(path: Path) -> str | None:
+    """The type of the file system `path` lies on (Linux /proc/self/mounts; elsewhere None)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    mounted = [(Path(point.replace("\\040", " ")), kind) for point, kind in mounts]
+    within = [(point, kind) for point, kind in mounted if path == point or point in path.parents]
+    return max(within, key=lambda m: len(m[0].parts))[1] if within else None
+
+
+def check_writable(folder: str | Path, option: str = "output folder") -> None:
     """Create `folder` if needed and write a file there, so that a folder that cannot take a run's outputs is
     refused in one line before anything starts; raises PlaceError."""
+    check_output_place(folder, option)
     folder = Path(folder)
     probe = folder / f".write-test-{uuid.uuid4().hex}"
     try:
         with naming_place(folder):
             folder.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"0" * 4096)
+    except OSError as e:  # none of the place errors above: still the folder's fault, and still one line
+        raise PlaceError(f"{option} {folder}: cannot write there ({e.strerror or e}); choose another folder") from e
     finally:
         probe.unlink(missing_ok=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,22 @@ def write_fake_run(root: Path, accuracies: dict[str, float], seeds: tuple[int, .
               "steps": steps, "settings": {"require_official": False}, "configs": {}}  # fmt: skip
     run.record.write_text(json.dumps(record))
     return run.path
+
+
+@pytest.fixture
+def mount(tmp_path: Path):  # noqa: ANN201
+    """mount(name, options) -> a fresh tmpfs folder mounted with `options` (size=3m, ro, ...), unmounted after."""
+    mounted = []
+
+    def make(name: str, options: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

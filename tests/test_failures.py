@@ -592,25 +592,6 @@ def test_report_on_a_damaged_run_record_stops_in_one_line(
 # ---- a full disk, a read-only folder: one line naming the folder, exit 2, no retries -----------------------------
 
 
-@pytest.fixture
-def mount(tmp_path: Path):  # noqa: ANN201
-    """mount(name, options) -> a fresh tmpfs folder mounted with `options` (size=3m, ro, ...), unmounted after."""
-    mounted = []
-
-    def make(name: str, options: str) -> Path:
-        folder = tmp_path / name
-        folder.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
-        mounted.append(folder)
-        return folder
-
-    yield make
-    for folder in mounted:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
 @pytest.mark.integration
 def test_a_read_only_output_folder_is_refused_in_one_line(
     tiny_data: Path, mount, capsys: pytest.CaptureFixture
@@ -651,7 +632,7 @@ def test_data_the_pipeline_can_check_is_refused_before_prefect_starts_in_its_own
     case: str,  # noqa: ANN001
 ) -> None:
     argv = ["--data-dir", str(tiny_data), "--no-require-official", "--output-dir", str(tmp_path / "out")]
-    expected = {"val-size": "--val-size 640 leaves no training images", "no folder": "--data-dir /nonexistent lacks",
+    expected = {"val-size": "--val-size 640 leaves no training images", "no folder": "--data-dir /nonexistent does not exist",
                 "half a file": "header says 640 images but the file holds",
                 "half a .gz file": "header says 640 images but the file holds"}[case]  # fmt: skip
     images = tiny_data / "train-images-idx3-ubyte.gz"

@@ -89,7 +89,7 @@ def test_a_profile_without_a_config_for_a_network_is_one_clear_error() -> None: 
         PipelineSettings(profile="reference").config_file("bn_cnn")
 
 
-def test_step_keys_change_with_what_decides_the_result_only() -> None:  # noqa: ANN001
+def test_step_keys_change_with_what_decides_the_result_only(tmp_path: Path) -> None:
     key = step_cache.training_key  # the function the training task calls
     data = {"sha256": {"train-images-idx3-ubyte": "a", "decoded": "b"}}
     base = key("bn_cnn", 0, PipelineSettings(), data, 2)
@@ -99,8 +99,12 @@ def test_step_keys_change_with_what_decides_the_result_only() -> None:  # noqa: 
                key("bn_cnn", 0, PipelineSettings(), data, 1), key("cnn", 0, PipelineSettings(), data, 2),
                key("bn_cnn", 0, PipelineSettings(), {"sha256": {**data["sha256"], "decoded": "c"}}, 2)]  # fmt: skip
     assert len({base, *changed}) == 6  # seed, epochs, threads, network, the decoded data's checksum
-    evaluation = step_cache.evaluation_key
-    assert len({evaluation("t", data, True), evaluation("t", data, False), evaluation("u", data, True)}) == 3
+    evaluation = step_cache.evaluation_key  # keyed on the checkpoint's bytes, not on where it lies
+    for name, content in (("t.ckpt", b"weights"), ("moved.ckpt", b"weights"), ("u.ckpt", b"other weights")):
+        (tmp_path / name).write_bytes(content)
+    t, moved, u = tmp_path / "t.ckpt", tmp_path / "moved.ckpt", tmp_path / "u.ckpt"
+    assert evaluation(t, data, True) == evaluation(moved, data, True)
+    assert len({evaluation(t, data, True), evaluation(t, data, False), evaluation(u, data, True)}) == 3
 
 
 def test_run_layout_names_every_file_once(tmp_path: Path) -> None:
@@ -225,8 +229,10 @@ def test_training_queue_starts_trainings_in_ticket_order_within_its_budget() -> 
     ("argv", "message"),
     [
         (["--epochs", "0"], "--epochs: Input should be greater than or equal to 1"),
-        (["--seeds", "1", "1"], "--seeds: Value error, each seed once"),
-        (["--devices", "0"], "--devices: Value error, needs at least one device"),
+        (["--seeds", "1", "1"], "--seeds: each seed once"),
+        (["--seeds", "-1"], "--seeds: seed -1 is out of range: a seed is a whole number from 0 to 4,294,967,295"),
+        (["--seeds", "0", "4294967296"], "--seeds: seed 4294967296 is out of range"),
+        (["--devices", "0"], "--devices: needs at least one device"),
         (["--profile", "reference", "--models", "bn_cnn"], "profile 'reference' has no config for network 'bn_cnn'"),
     ],
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -16,7 +17,14 @@ from prefect.settings import temporary_settings
 from fmnist_pl import layout
 from fmnist_pl.cli import USER_ERRORS, quiet_known_warnings
 from fmnist_pl.errors import ConfigError, DataError
-from fmnist_pl.fashion_mnist import check_headers, default_cache_dir, locate_dataset, missing_files
+from fmnist_pl.fashion_mnist import (
+    DATA_DIR_ENV,
+    check_download_reachable,
+    check_headers,
+    default_cache_dir,
+    local_copy,
+    locate_dataset,
+)
 from fmnist_pl.io import PlaceError, check_writable, place_error
 from fmnist_pl.pipeline.flow import full_pipeline
 from fmnist_pl.pipeline.prefect_server import prefect_api, prefect_defaults
@@ -53,28 +61,37 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Pipel
         for network in settings.networks():
             settings.config_file(network)
         settings.check_hardware()
-        check_writable(settings.output_dir)  # a full or read-only output folder, before Prefect's server starts
-        check_data(settings)  # missing, truncated or damaged files and --val-size, not after Prefect has started
+        check_writable(settings.output_dir, "--output-dir")  # full, read-only, a file, /proc: before Prefect starts
+        # Missing, truncated or damaged files and --val-size, not after Prefect has started; a served deployment
+        # downloads when its runs come, so only a run now needs a network now.
+        check_data(settings, needs_network_now=args.command == "run")
     except pydantic.ValidationError as e:
-        parser.error("; ".join(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}" for err in e.errors()))
+        parser.error(
+            "; ".join(f"--{str(err['loc'][0]).replace('_', '-')}: {validation_message(err)}" for err in e.errors())
+        )
     except (ConfigError, DataError, PlaceError) as e:
         parser.error(str(e))
     return args, settings
 
 
-def check_data(settings: PipelineSettings) -> None:
+def validation_message(error: dict) -> str:
+    """A pydantic error's message; for a validator's own error, its own words (without pydantic's "Value error, ")."""
+    own = (error.get("ctx") or {}).get("error")
+    return str(own) if error["type"] == "value_error" and own else error["msg"]
+
+
+def check_data(settings: PipelineSettings, needs_network_now: bool = True) -> None:
     """The data checks the pipeline can make in a second, in its own options' words: the named --data-dir (or the
     local copy the run would use) holds the four files, each as long as its header says, and --val-size leaves
-    training images. The checksums are checked when the data loads."""
-    folder = Path(settings.data_dir).expanduser() if settings.data_dir else None
-    if folder is None:
-        try:  # the copy the run would use, if there is one here; else the download, checked when it arrives
-            folder = locate_dataset(None, default_cache_dir(), download=False)
-        except DataError:
-            return
-    if missing := missing_files(folder):
-        raise DataError(f"--data-dir {folder} lacks {', '.join(missing)} (.gz or not); put the Fashion-MNIST IDX "
-                        "files there, or leave --data-dir out to use a local copy or the download")  # fmt: skip
+    training images; with no copy at all, that there is a network to download one. The checksums are checked when
+    the data loads."""
+    cache = default_cache_dir()
+    if settings.data_dir or os.environ.get(DATA_DIR_ENV):
+        folder = locate_dataset(settings.data_dir, cache, download=False, option="--data-dir")
+    elif (folder := local_copy(cache)) is None:
+        if needs_network_now:
+            check_download_reachable(cache, "--data-dir")
+        return
     training_images = check_headers(folder)["train-labels-idx1-ubyte"]
     if settings.val_size and settings.val_size >= training_images:
         raise ConfigError(f"--val-size {settings.val_size} leaves no training images ({folder} has "

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -135,6 +136,12 @@ def prefect_defaults() -> dict:
     return {setting: value for setting, value in defaults.items() if setting.name not in os.environ}
 
 
+def server_log_file(output_dir: Path) -> Path:
+    """The log of this run's temporary server, a file of its own: `<output dir>/.prefect-server/<time>-<PID>.log`
+    (two runs started in the same second into one folder never write into one log)."""
+    return output_dir / ".prefect-server" / f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+
+
 @contextlib.contextmanager
 def prefect_api(output_dir: str) -> Iterator[None]:
     """The user's Prefect server where PREFECT_API_URL names one, else a temporary one that this run owns; either
@@ -144,9 +151,10 @@ def prefect_api(output_dir: str) -> Iterator[None]:
             with watch_server(url, end_on_lost_server):
                 yield
             return
-        with temporary_server(Path(output_dir) / ".prefect-server.log") as url, \
+        log_file = server_log_file(Path(output_dir))
+        with temporary_server(log_file) as url, \
                 temporary_settings(updates={PREFECT_API_URL: url}), watch_server(url, end_on_lost_server):  # fmt: skip
-            print(f"fmnist-pl pipeline: temporary Prefect server on {url} (no PREFECT_API_URL set)")
+            print(f"fmnist-pl pipeline: temporary Prefect server on {url} (no PREFECT_API_URL set; log: {log_file})")
             yield
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fmnist_pl.configs import PROFILES, profile_config
-from fmnist_pl.errors import ConfigError
+from fmnist_pl.errors import ConfigError, check_seed
 from fmnist_pl.networks import NETWORKS
 
 NetworkName = Literal[tuple(NETWORKS)]  # type: ignore[valid-type]  # the registry's names, for validation and the UI
@@ -62,9 +62,11 @@ class PipelineSettings(BaseModel):
 
     @field_validator("seeds")
     @classmethod
-    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+    def _distinct_seeds_in_range(cls, seeds: list[int]) -> list[int]:
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"each seed once, got {seeds}")
+        for seed in seeds:
+            check_seed(seed)
         return seeds
 
     @field_validator("devices")

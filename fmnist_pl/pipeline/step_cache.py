@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import time
+import zipfile
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -43,29 +44,72 @@ def training_key(network: str, seed: int, settings: PipelineSettings, data: dict
                     threads=threads)  # fmt: skip
 
 
-def evaluation_key(training_dir: str, data: dict, training_split: bool) -> str:
-    """An evaluation step's cache key: the training it evaluates, the data, the code, and whether it predicts the
-    training split too."""
-    return step_key(step="evaluate", train=training_dir, data=data["sha256"], version=__version__,
+def evaluation_key(checkpoint: Path, data: dict, training_split: bool) -> str:
+    """An evaluation step's cache key: the bytes of the checkpoint it evaluates (a retrained or replaced
+    checkpoint is evaluated again; a moved or copied one is the same), the data, the code, and whether it predicts
+    the training split too."""
+    return step_key(step="evaluate", checkpoint=file_sha256(checkpoint), data=data["sha256"], version=__version__,
                     training_split=training_split)  # fmt: skip
 
 
-def reuse_finished(work: Path, what: str) -> dict | None:
-    """A finished step's recorded result, if `work` holds one."""
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (a 27 MB checkpoint: about 30 ms)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def reuse_finished(work: Path, what: str, outputs: list[Path]) -> dict | None:
+    """A finished step's recorded result, if `work` holds one whose promised `outputs` are all still there, with
+    the sizes recorded (and each checkpoint still a whole zip archive). The result's `dir` is where the step is
+    now, so a moved or copied output folder reuses its own files. A record whose files are gone or changed is set
+    aside with one warning, and the step runs again from scratch: it is never reused on trust."""
     done = work / "done.json"
     if not done.is_file():
         return None
+    try:
+        record = json.loads(done.read_text())
+        sizes = record.pop("outputs", None)  # None: a record of version 0.4.0, which kept no sizes
+    except (ValueError, TypeError, AttributeError):
+        problem = "its done.json is damaged"
+    else:
+        problem = next(filter(None, (output_problem(work, path, sizes) for path in outputs)), None)
+    if problem:
+        aside = set_aside(done, "stale")
+        for checkpoint in sorted(work.rglob("*.ckpt")):  # a resumed finished fit would write no best.ckpt
+            set_aside(checkpoint, "stale")
+        run_logger().warning(f"not reusing finished {what} in {work}: {problem}; it runs again ({aside.name} kept)")
+        return None
     run_logger().info(f"reusing finished {what} {work}")
-    return {**json.loads(done.read_text()), "cached": True}
+    return {**record, "dir": str(work), "cached": True}
+
+
+def output_problem(work: Path, path: Path, sizes: dict | None) -> str | None:
+    """Why a finished step's output `path` cannot be reused (missing, another size than recorded, a cut-off
+    checkpoint), or None."""
+    name = path.relative_to(work).as_posix()
+    if not path.is_file():
+        return f"{name} is missing"
+    size = path.stat().st_size
+    if sizes is not None and sizes.get(name) != size:
+        return f"{name} is {size:,} bytes, the record says {sizes.get(name)}"
+    if path.suffix == ".ckpt" and not zipfile.is_zipfile(path):  # reads the archive's end record only
+        return f"{name} is not a whole checkpoint"
+    return None
 
 
 def mark_finished(work: Path, result: dict, outputs: list[Path]) -> dict:
-    """Record a step's result in its folder, from then on reused; only when every output it promises exists."""
+    """Record a step's result in its folder, from then on reused; only when every output it promises exists. The
+    record names no absolute path (`dir` is the folder itself), and holds each output's size for reuse_finished."""
     missing = [str(path.relative_to(work)) for path in outputs if not path.is_file()]
     if missing:
         raise RuntimeError(f"{work.name} ended without writing {', '.join(missing)}; see its log in {work}")
-    write_text_atomic(work / "done.json", json.dumps(result, indent=2) + "\n")
-    return {**result, "cached": False}
+    sizes = {path.relative_to(work).as_posix(): path.stat().st_size for path in outputs}
+    record = {key: value for key, value in result.items() if key != "dir"}
+    write_text_atomic(work / "done.json", json.dumps({**record, "outputs": sizes}, indent=2) + "\n")
+    return {**result, "dir": str(work), "cached": False}
 
 
 @contextlib.contextmanager

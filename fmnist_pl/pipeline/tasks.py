@@ -54,7 +54,7 @@ def retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001
 def download_data(data_dir: str | None, require_official: bool) -> dict:
     """Find or download Fashion-MNIST, verify it and cache the decoded tensors; return its folder and checksums."""
     started = time.perf_counter()
-    tensors = load_dataset(data_dir, require_official=require_official)  # what the data module's prepare_data runs
+    tensors = load_dataset(data_dir, require_official=require_official, option="--data-dir")  # as prepare_data
     get_run_logger().info(f"Fashion-MNIST from {tensors.source_dir}, verified")
     return {
         "source_dir": tensors.source_dir,
@@ -82,11 +82,12 @@ def train_model(
     key = training_key(network, seed, settings, data, threads)
     work = layout.TrainingFolder(layout.step_folder(Path(steps_dir), "train", network, seed, key))
     what = f"{network} seed {seed} training"
+    outputs = [work.best_checkpoint, work.last_checkpoint, work.history]
     try:
-        if finished := reuse_finished(work.path, what):
+        if finished := reuse_finished(work.path, what, outputs):
             return finished
         with queue.turn(ticket, threads or 1), step_lock(work.path) as lock, naming_place(work.path):
-            if finished := reuse_finished(work.path, what):  # another run finished it meanwhile
+            if finished := reuse_finished(work.path, what, outputs):  # another run finished it meanwhile
                 return finished
             resume = work.last_checkpoint.is_file() and not set_aside_if_damaged(work.last_checkpoint)
             if not resume:  # an earlier attempt's best.ckpt must never be what this training's evaluation loads
@@ -105,7 +106,7 @@ def train_model(
             )  # fmt: skip
             result = {"network": network, "seed": seed, "dir": str(work.path),
                       "wall_seconds": round(time.perf_counter() - started, 2), "resumed": resume}  # fmt: skip
-            return mark_finished(work.path, result, [work.best_checkpoint, work.last_checkpoint, work.history])
+            return mark_finished(work.path, result, outputs)
     finally:
         queue.pass_turn(ticket)  # whatever happened, later trainings are not held up
 
@@ -117,16 +118,18 @@ def evaluate_model(
     """`fmnist-pl evaluate` on the best checkpoint: test metrics and predictions, and for the run's first seed the
     training split's predictions too (the report shows the first seed's training-set confusion matrix only)."""
     training_split = seed == settings.seeds[0]
-    key = evaluation_key(trained["dir"], data, training_split)
+    best = layout.TrainingFolder(Path(trained["dir"])).best_checkpoint  # where the training is now, moved or not
+    key = evaluation_key(best, data, training_split)
     work = layout.EvaluationFolder(layout.step_folder(Path(steps_dir), "evaluate", network, seed, key))
     what = f"{network} seed {seed} evaluation"
-    if finished := reuse_finished(work.path, what):
+    outputs = [work.test_metrics, work.confusion_test, work.predictions("test")]
+    outputs += [work.predictions("train")] * training_split
+    if finished := reuse_finished(work.path, what, outputs):
         return finished
     with step_lock(work.path), naming_place(work.path):
-        if finished := reuse_finished(work.path, what):
+        if finished := reuse_finished(work.path, what, outputs):
             return finished
         get_run_logger().info(f"evaluating; log: {work.log}")
-        best = layout.TrainingFolder(Path(trained["dir"])).best_checkpoint
         started = time.perf_counter()
         run_step_command(
             ["evaluate", f"--config={settings.config_file(network)}", f"--ckpt_path={best}",
@@ -135,10 +138,10 @@ def evaluate_model(
              *log_into(work.path), "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"],
             work.log,
         )  # fmt: skip
-        result = {"network": network, "seed": seed, "dir": str(work.path), "train_dir": trained["dir"],
+        # The training by its folder's name: both live in the same steps folder, wherever it is moved.
+        result = {"network": network, "seed": seed, "dir": str(work.path), "train_dir": Path(trained["dir"]).name,
                   "wall_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
-        outputs = [work.test_metrics, work.confusion_test, work.predictions("test")]
-        return mark_finished(work.path, result, outputs + [work.predictions("train")] * training_split)
+        return mark_finished(work.path, result, outputs)
 
 
 @task(retries=1, task_run_name="report")

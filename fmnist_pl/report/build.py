@@ -58,10 +58,11 @@ def build_report(run_dir: Path) -> dict:
         Section(
             "Comparison",
             [conclusion, f"Reference rows are the published figures of the 2020 study ({STUDY_CITATION}). Each network "
-             f"was trained and tested once per seed ({', '.join(map(str, seeds))}); networks are compared on the "
-             "same test images, pair by pair (McNemar per seed: the images only the first network got right / only "
-             "the second, and the exact test's p)."],
-            [Table.of(accuracy), Table.of(cost), Table.of(tests_table(comparisons))],
+             f"was trained and tested once per seed ({', '.join(map(str, seeds))})" + (
+             "; networks are compared on the same test images, pair by pair (McNemar per seed: the images only the "
+             "first network got right / only the second, and the exact test's p)." if comparisons else ".")],
+            # One network has no pair to compare: no tests table at all, rather than an empty one.
+            [Table.of(accuracy), Table.of(cost), *([Table.of(tests_table(comparisons))] if comparisons else [])],
             [Figure(run_figure("validation_accuracy"), "Validation accuracy per epoch: every network and seed, the "
                     "study's best validation accuracies (dashed) and its 90 % goal (dotted)"),
              Figure(run_figure("accuracy_against_cost"), "Test accuracy against training time and parameters, "
