@@ -20,10 +20,10 @@ from fmnist_pl.configs import packaged_configs
 from fmnist_pl.data import FashionMNISTDataModule
 from fmnist_pl.errors import ConfigError, FmnistError, check_seed
 from fmnist_pl.evaluation import FashionMNISTTrainer
-from fmnist_pl.fashion_mnist import load_predict_images
 from fmnist_pl.hardware import cpu_has_fast_bf16, on_cpu
 from fmnist_pl.io import check_output_place, place_error
 from fmnist_pl.module import FashionMNISTClassifier, read_checkpoint
+from fmnist_pl.predict_images import load_predict_images
 
 CKPT_KEYWORDS = {"best", "last", "hpc", "registry"}  # ckpt_path values Lightning resolves itself
 # Model options that only change how a trained network is used, so `test` and `predict` take them from the command

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from fmnist_pl.errors import ConfigError
-from fmnist_pl.fashion_mnist import CLASS_NAMES, IMAGE_SIZE, FashionMNISTTensors, load_dataset, load_predict_images
+from fmnist_pl.fashion_mnist import CLASS_NAMES, IMAGE_SIZE, FashionMNISTTensors, load_dataset
+from fmnist_pl.predict_images import load_predict_images
 
 __all__ = ["CLASS_NAMES", "FashionMNISTDataModule", "ShardedBatches", "Split", "shift_and_flip"]
 

@@ -14,7 +14,8 @@ from conftest import N_TEST, N_TRAIN, idx_bytes, make_split, write_idx_dir
 from fmnist_pl import fashion_mnist
 from fmnist_pl.data import FashionMNISTDataModule, ShardedBatches, shift_and_flip
 from fmnist_pl.errors import ConfigError, DataError
-from fmnist_pl.fashion_mnist import load_dataset, load_predict_images
+from fmnist_pl.fashion_mnist import load_dataset
+from fmnist_pl.predict_images import load_predict_images
 
 
 def test_gz_and_raw_files_decode_to_the_same_tensors(tmp_path: Path) -> None:

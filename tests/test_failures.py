@@ -546,7 +546,7 @@ def test_a_huge_image_to_predict_is_refused_in_one_line_without_a_warning(tmp_pa
     import warnings
 
     from fmnist_pl.errors import DataError
-    from fmnist_pl.fashion_mnist import load_predict_images
+    from fmnist_pl.predict_images import load_predict_images
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -563,7 +563,7 @@ def test_a_huge_image_to_predict_is_refused_in_one_line_without_a_warning(tmp_pa
 def test_one_image_file_is_accepted_to_predict_on(tmp_path: Path) -> None:
     from PIL import Image
 
-    from fmnist_pl.fashion_mnist import load_predict_images
+    from fmnist_pl.predict_images import load_predict_images
 
     Image.fromarray(np.full((28, 28), 200, dtype=np.uint8)).save(tmp_path / "shoe.png")
     images, names = load_predict_images(tmp_path / "shoe.png")
