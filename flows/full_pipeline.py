@@ -6,13 +6,15 @@
 
 This file is the entry point users run and Prefect deploys (`prefect.yaml`); the pipeline lives in
 `fmnist_pl/pipeline/`: the flow (flow.py), its tasks (tasks.py), the step cache (step_cache.py), child processes
-(processes.py), CPU scheduling (scheduling.py), run records (run_record.py) and this command line (command.py).
+(processes.py), CPU scheduling (scheduling.py), run records (run_record.py) and this command line (command.py,
+launch.py).
 """
 
 from fmnist_pl.pipeline.command import main
-from fmnist_pl.pipeline.flow import full_pipeline
-
-__all__ = ["full_pipeline", "main"]
 
 if __name__ == "__main__":
-    main()
+    main()  # first: wrong options are refused before Lightning and Prefect load
+
+from fmnist_pl.pipeline.flow import full_pipeline  # noqa: E402 - what Prefect deploys (prefect.yaml's entrypoint)
+
+__all__ = ["full_pipeline", "main"]
