@@ -153,7 +153,7 @@ def test_report_from_files_alone_covers_every_network_and_seed(tmp_path: Path) -
         assert f"{np.mean(accuracies):.2%} ± {np.std(accuracies, ddof=1) * 100:.2f}" in report
     assert {(c["first"], c["second"]) for c in summary["comparisons"]} == {
         ("dense", "cnn"), ("dense", "bn_cnn"), ("cnn", "bn_cnn")}  # fmt: skip
-    assert all(len(c["mcnemar"]) == 3 for c in summary["comparisons"])
+    assert all(len(c["mcnemar"]) == 3 for c in summary["comparisons"]) and "McNemar per seed" in report
     assert "with flip test-time augmentation" in report.split("## bn_cnn")[1].split("##")[0]
     assert "with flip test-time augmentation" not in report.split("## cnn")[1].split("##")[0]
     assert "seed-spec" not in report and '"Neural Networks", Hoyt Thomas, 2020-03-12' in report
