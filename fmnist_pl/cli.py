@@ -101,8 +101,9 @@ def check_config_file(path: Path) -> None:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"config {path} is not valid YAML{where}: {problem}; fix that line") from e
     if content is None:
-        raise ConfigError(f"config {path} is empty; write options into it (`fmnist-pl fit --print_config` lists "
-                          "them) or leave it out")  # fmt: skip
+        raise ConfigError(
+            f"config {path} is empty; write options into it (`fmnist-pl fit --print_config` lists them) or leave it out"
+        )
     if not isinstance(content, dict):
         raise ConfigError(f"config {path} holds a {type(content).__name__}, not options (`key: value` lines)")
 
@@ -275,9 +276,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except OSError as e:  # a full disk, a read-only or foreign folder: one line naming it; other errors are bugs
         # An error on an open file names no file: then name the run's output folder, where a run writes.
-        save_dir = next((a.split("=", 1)[1] for a in args if a.startswith(("--trainer.logger.init_args.save_dir=",
-                                                                           "--trainer.default_root_dir="))),
-                        DEFAULT_SAVE_DIR)  # fmt: skip
+        save_dir = next(
+            (
+                a.split("=", 1)[1]
+                for a in args
+                if a.startswith(("--trainer.logger.init_args.save_dir=", "--trainer.default_root_dir="))
+            ),
+            DEFAULT_SAVE_DIR,
+        )
         if (error := place_error(e, save_dir)) is None:
             raise
         print(f"fmnist-pl: error: {error}", file=sys.stderr)

@@ -152,8 +152,10 @@ def _file_in(directory: Path, stem: str) -> Path | None:
             if path.is_dir():
                 raise DataError(f"{path} is a folder, not a data file; put the IDX file {name} there instead")
         except PermissionError as e:
-            raise DataError(f"{directory}: cannot be read, permission denied; make the folder readable "
-                            "(chmod a+rx) or use another one") from e  # fmt: skip
+            raise DataError(
+                f"{directory}: cannot be read, permission denied; make the folder readable "
+                "(chmod a+rx) or use another one"
+            ) from e
     return None
 
 
@@ -185,11 +187,16 @@ def check_download_reachable(cache_dir: Path, option: str) -> None:
         errors.append(f"no answer from the name server for {hosts[0]} in 5 s")
     elif len(errors) < len(hosts):
         return
-    looked_in = [f"{option} and ${DATA_DIR_ENV} (not set)", *map(str, KNOWN_LOCAL_COPIES),
-                 str(cache_dir / "download" / "FashionMNIST" / "raw")]  # fmt: skip
-    raise DataError(f"Fashion-MNIST not found (looked in {', '.join(looked_in)}) and no network to download it "
-                    f"({errors[0]}); pass {option} DIR, a folder with the four IDX files, or install Debian's "
-                    "dataset-fashion-mnist package")  # fmt: skip
+    looked_in = [
+        f"{option} and ${DATA_DIR_ENV} (not set)",
+        *map(str, KNOWN_LOCAL_COPIES),
+        str(cache_dir / "download" / "FashionMNIST" / "raw"),
+    ]
+    raise DataError(
+        f"Fashion-MNIST not found (looked in {', '.join(looked_in)}) and no network to download it "
+        f"({errors[0]}); pass {option} DIR, a folder with the four IDX files, or install Debian's "
+        "dataset-fashion-mnist package"
+    )
 
 
 def _download(root: Path, option: str) -> Path:
@@ -340,8 +347,10 @@ def load_dataset(
             tmp.write_bytes(buffer.getbuffer())
     except OSError as e:
         reason = PLACE_ERRORS.get(e.errno) or e.strerror or str(e)
-        warn_once(f"{cache.parent}: cannot write the decoded-data cache there ({reason}); going on without it "
-                  "(each run decodes the files again)")  # fmt: skip
+        warn_once(
+            f"{cache.parent}: cannot write the decoded-data cache there ({reason}); going on without it "
+            "(each run decodes the files again)"
+        )
     return tensors
 
 

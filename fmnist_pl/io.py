@@ -50,8 +50,25 @@ def naming_place(folder: str | Path) -> Iterator[None]:
 
 
 # Kernel file systems that show the system's state as files: nothing a run writes belongs there.
-PSEUDO_FILE_SYSTEMS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
-                       "configfs", "pstore", "bpf", "efivarfs", "fusectl", "mqueue", "binfmt_misc", "autofs"}  # fmt: skip
+PSEUDO_FILE_SYSTEMS = {
+    "proc",
+    "sysfs",
+    "devtmpfs",
+    "devpts",
+    "cgroup",
+    "cgroup2",
+    "debugfs",
+    "tracefs",
+    "securityfs",
+    "configfs",
+    "pstore",
+    "bpf",
+    "efivarfs",
+    "fusectl",
+    "mqueue",
+    "binfmt_misc",
+    "autofs",
+}
 
 
 def check_output_place(folder: str | Path, option: str) -> None:
@@ -66,8 +83,10 @@ def check_output_place(folder: str | Path, option: str) -> None:
             break
     file_system = mount_type(folder)
     if file_system in PSEUDO_FILE_SYSTEMS:
-        raise PlaceError(f"{option} {folder} lies on the kernel's {file_system} file system, which holds no files of "
-                         "yours; choose another folder")  # fmt: skip
+        raise PlaceError(
+            f"{option} {folder} lies on the kernel's {file_system} file system, which holds no files of "
+            "yours; choose another folder"
+        )
 
 
 def mount_type(path: Path) -> str | None:

@@ -47,8 +47,10 @@ def test_a_seed_out_of_numpys_range_is_refused_by_the_cli_before_anything_is_bui
     tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, seed: str
 ) -> None:
     err = cli_error(capsys, "fit", *tiny_args(tiny_data, tmp_path / "out", f"--seed_everything={seed}"))
-    assert err == [f"fmnist-pl: error: --seed_everything: seed {seed} is out of range: a seed is a whole number "
-                   "from 0 to 4,294,967,295"]  # fmt: skip
+    assert err == [
+        f"fmnist-pl: error: --seed_everything: seed {seed} is out of range: a seed is a whole number "
+        "from 0 to 4,294,967,295"
+    ]
     assert not (tmp_path / "out").exists()
 
 
@@ -65,8 +67,13 @@ def test_an_output_folder_that_cannot_be_one_is_refused_by_the_pipeline_and_the_
     }[case]
     error = pipeline_error(capsys, "--data-dir", str(tiny_data), "--no-require-official", "--output-dir", str(folder))
     assert f"--output-dir {cause}" in error
-    err = cli_error(capsys, "fit", *tiny_args(tiny_data, tmp_path / "unused"), f"--trainer.default_root_dir={folder}",
-                    "--trainer.logger.init_args.save_dir=outputs")  # fmt: skip
+    err = cli_error(
+        capsys,
+        "fit",
+        *tiny_args(tiny_data, tmp_path / "unused"),
+        f"--trainer.default_root_dir={folder}",
+        "--trainer.logger.init_args.save_dir=outputs",
+    )
     assert len(err) == 1 and f"output folder {cause}" in err[0]
 
 
@@ -146,8 +153,9 @@ def test_each_data_folder_problem_names_its_real_cause_in_the_cli_and_the_pipeli
     tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, case: str
 ) -> None:
     data_dir, cause = break_data_folder(tiny_data, case)
-    assert cause in pipeline_error(capsys, "--data-dir", str(data_dir), "--no-require-official", "--output-dir",
-                                   str(tmp_path / "out"))  # fmt: skip
+    assert cause in pipeline_error(
+        capsys, "--data-dir", str(data_dir), "--no-require-official", "--output-dir", str(tmp_path / "out")
+    )
     err = cli_error(capsys, "fit", *tiny_args(data_dir, tmp_path / "cli"))
     assert cause in err[-1] and not any("Traceback" in line for line in err)
 
@@ -254,8 +262,14 @@ def test_default_root_dir_decides_where_fit_and_predict_write(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "elsewhere"
-    common = [f"--data.data_dir={tiny_data}", "--data.require_official=false", "--data.val_size=100",
-              "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}"]  # fmt: skip
+    common = [
+        f"--data.data_dir={tiny_data}",
+        "--data.require_official=false",
+        "--data.val_size=100",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={root}",
+    ]
     main(["fit", "--model.network=cnn", "--trainer.max_epochs=1", *common])
     best = root / "runs" / "version_0" / "checkpoints" / "best.ckpt"
     assert best.is_file()

@@ -14,8 +14,15 @@ from fmnist_pl.pipeline.settings import PipelineSettings
 
 
 def tiny_settings(data: Path, out: Path) -> PipelineSettings:
-    return PipelineSettings(data_dir=str(data), require_official=False, val_size=100, epochs=1, accelerator="cpu",
-                            output_dir=str(out), models=["cnn"])  # fmt: skip
+    return PipelineSettings(
+        data_dir=str(data),
+        require_official=False,
+        val_size=100,
+        epochs=1,
+        accelerator="cpu",
+        output_dir=str(out),
+        models=["cnn"],
+    )
 
 
 def finished_step(tmp_path: Path) -> tuple[Path, list[Path]]:
@@ -48,8 +55,12 @@ def test_a_finished_step_whose_files_are_gone_or_changed_is_not_reused(
     work, (checkpoint, history) = finished_step(tmp_path)
     last = work / "checkpoints" / "last.ckpt"
     last.write_bytes(checkpoint.read_bytes())
-    why = {"deleted": "checkpoints/best.ckpt is missing", "cut short": "checkpoints/best.ckpt is not a whole checkpoint",
-           "replaced": "history.csv is 12 bytes, the record says 8", "damaged record": "its done.json is damaged"}[damage]  # fmt: skip
+    why = {
+        "deleted": "checkpoints/best.ckpt is missing",
+        "cut short": "checkpoints/best.ckpt is not a whole checkpoint",
+        "replaced": "history.csv is 12 bytes, the record says 8",
+        "damaged record": "its done.json is damaged",
+    }[damage]
     if damage == "deleted":
         checkpoint.unlink()
     elif damage == "cut short":  # the same size, the archive's end record gone

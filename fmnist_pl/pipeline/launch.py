@@ -65,8 +65,10 @@ def launch(args: argparse.Namespace, settings: PipelineSettings) -> None:
             run_dir = Path(full_pipeline(settings))
         except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C or `kill`: the flow has stopped its trainings
             stop_children()
-            print("fmnist-pl pipeline stopped; run the same command again to resume from the last finished epoch",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                "fmnist-pl pipeline stopped; run the same command again to resume from the last finished epoch",
+                file=sys.stderr,
+            )
             sys.exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130)
         except Exception as e:  # Prefect has logged what it needs to; end with the one line that matters
             e = place_error(e, settings.output_dir) or e
@@ -83,9 +85,15 @@ def results_table(summary: dict) -> str:
     for network, r in summary["networks"].items():
         accuracy = r["test_accuracy"]
         std = f" ± {accuracy['std'] * 100:.2f}" if accuracy["std"] is not None else ""
-        rows.append((network, ",".join(map(str, summary["seeds"])),
-                     f"{accuracy['mean']:.2%}{std} ({accuracy['min']:.2%}-{accuracy['max']:.2%})",
-                     f"{r['training_wall_seconds']['mean']:.0f} s"))  # fmt: skip
+        rows.append(
+            (
+                network,
+                ",".join(map(str, summary["seeds"])),
+                f"{accuracy['mean']:.2%}{std} ({accuracy['min']:.2%}-{accuracy['max']:.2%})",
+                f"{r['training_wall_seconds']['mean']:.0f} s",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)  # fmt: skip
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
