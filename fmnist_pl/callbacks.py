@@ -11,6 +11,7 @@ import lightning as L
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from fmnist_pl import layout
 from fmnist_pl.fashion_mnist import CLASS_NAMES
@@ -79,6 +80,21 @@ class EpochHistory(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.rows = list(state_dict.get("rows", []))
+
+
+class HParamsSummary(Callback):
+    """At the end of a fit, the run's hyper-parameters with its best and last validation accuracy, for
+    TensorBoard's HParams tab, which compares runs by them (Lightning logs the hyper-parameters without metrics)."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+        last = trainer.callback_metrics.get("val/acc")
+        metrics = {name: float(v) for name, v in (("hp/best_val_acc", best), ("hp/val_acc", last)) if v is not None}
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and metrics:
+                # The epoch count is the Trainer's, not the module's; "_instantiator" is LightningCLI's bookkeeping.
+                params = {k: v for k, v in logger.hparams.items() if k != "_instantiator"}
+                logger.log_hyperparams({**params, "max_epochs": trainer.max_epochs}, metrics)
 
 
 class EvaluationFiles(Callback):

@@ -9,13 +9,15 @@ import sys
 import warnings
 from pathlib import Path
 
+import lightning as L
 import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from fmnist_pl.callbacks import EpochHistory, EvaluationFiles, LastCheckpoint, PredictionsWriter
+from fmnist_pl.callbacks import EpochHistory, EvaluationFiles, HParamsSummary, LastCheckpoint, PredictionsWriter
 from fmnist_pl.configs import packaged_configs
 from fmnist_pl.data import FashionMNISTDataModule
 from fmnist_pl.errors import ConfigError, FmnistError, check_seed
@@ -140,7 +142,10 @@ class FashionMNISTCLI(LightningCLI):
         if self.subcommand in ("predict", "evaluate"):  # only then: a callback costs hook calls on every step
             callbacks.append(PredictionsWriter(name_by_split=self.subcommand == "evaluate"))
         kwargs["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit":
+            add_tensorboard(trainer)
+        return trainer
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -195,6 +200,18 @@ class FashionMNISTCLI(LightningCLI):
             if config["model"].get("lr_schedule") == "one_cycle" and epochs in (None, -1) and steps == -1:
                 raise ConfigError("the one_cycle schedule needs a finite length: set --trainer.max_epochs "
                                   "(or --trainer.max_steps)")  # fmt: skip
+
+
+def add_tensorboard(trainer: L.Trainer) -> None:
+    """TensorBoard event files beside the CSV log, in the same run folder, and the hyper-parameters with the
+    validation accuracy at the end (HParams tab): `tensorboard --logdir outputs/latest` lists a pipeline run's
+    trainings as <network>/seed-<s>/train, `--logdir outputs/runs` every CLI run. Not with loggers of the user's."""
+    csv = next((logger for logger in trainer.loggers if isinstance(logger, CSVLogger)), None)
+    if csv is None or any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
+        return
+    tensorboard = TensorBoardLogger(csv.save_dir, name=csv.name, version=csv.version, default_hp_metric=False)
+    trainer.loggers = [*trainer.loggers, tensorboard]
+    trainer.callbacks.append(HParamsSummary())
 
 
 def check_checkpoint(ckpt_path: str, config: dict, subcommand: str, command_line: list[str]) -> None:
@@ -253,8 +270,9 @@ def run_cli(argv: list[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "exit_on_error": False,  # argument errors reach main(), which prints them in one line
-            "epilog": "One more command: `fmnist-pl report RUN_DIR` rebuilds a pipeline run's report "
-            "(`fmnist-pl report --help`).",
+            "epilog": "More commands: `fmnist-pl report RUN_DIR` rebuilds a pipeline run's report, "
+            "`fmnist-pl export --ckpt_path CKPT` writes a checkpoint as an ONNX model with its card, and "
+            "`fmnist-pl serve --model model.onnx` serves one over HTTP (each takes --help).",
         },
         auto_configure_optimizers=False,
     )
@@ -269,6 +287,14 @@ def main(argv: list[str] | None = None) -> None:
             from fmnist_pl.report import report_main
 
             report_main(args[1:])
+        elif args and args[0] == "export":
+            from fmnist_pl.export import export_main
+
+            export_main(args[1:])
+        elif args and args[0] == "serve":
+            from fmnist_pl.serve import serve_main
+
+            serve_main(args[1:])
         else:
             run_cli(argv)
     except (FmnistError, MisconfigurationException) as e:  # a bad option, file or machine: one line, no traceback

@@ -3,6 +3,7 @@
 outputs/<run id>/run.json, report.md, report.html, summary.json, figures/, tables/
 outputs/<run id>/<network>/seed-<seed>/train    -> ../../../steps/train-<network>-seed<seed>-<key>/    (a TrainingFolder)
 outputs/<run id>/<network>/seed-<seed>/evaluate -> ../../../steps/evaluate-<network>-seed<seed>-<key>/ (an EvaluationFolder)
+outputs/<run id>/export/<network>       -> ../../steps/export-<network>-seed<first seed>-<key>/ (model.onnx, model.json, README.md)
 outputs/latest -> <run id>
 """
 
@@ -17,6 +18,11 @@ BEST_CHECKPOINT = "checkpoints/best.ckpt"
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
 TEST_METRICS = "test_metrics.json"
 PREDICTIONS = "predictions.csv"  # `fmnist-pl predict`'s
+# What `fmnist-pl export` writes into its folder (export/ beside checkpoints/, or a run's export/<network>/).
+EXPORT_DIR = "export"
+ONNX_MODEL = "model.onnx"
+MODEL_DESCRIPTION = "model.json"
+MODEL_CARD = "README.md"
 
 
 def predictions_file(split: str) -> str:
@@ -78,6 +84,10 @@ class RunFolder:
 
     def evaluation(self, network: str, seed: int) -> EvaluationFolder:
         return EvaluationFolder(self.path / network / f"seed-{seed}" / "evaluate")
+
+    def export(self, network: str) -> Path:
+        """The run's export of `network` (its first seed's best checkpoint): model.onnx, model.json, README.md."""
+        return self.path / EXPORT_DIR / network
 
 
 def step_name(step: str, network: str, seed: int) -> str:

@@ -238,6 +238,7 @@ class FashionMNISTClassifier(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         loss, accuracy = self.train_epoch_results()
         self.log_dict({"train/loss": loss, "train/acc": accuracy}, prog_bar=True)  # already reduced over ranks
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])  # the peak-scaled rate under one_cycle
         # Training plus this epoch's validation: what a user waits for per epoch.
         self.log("epoch_seconds", time.perf_counter() - self.epoch_started, reduce_fx="max", sync_dist=True)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -33,11 +34,13 @@ def load_predict_images(path: str | Path) -> tuple[torch.Tensor, list[str] | Non
     return torch.from_numpy(np.stack([read_image(file) for file in files])), [file.name for file in files]
 
 
-def read_image(file: Path) -> np.ndarray:
-    """One 28×28 image as grayscale uint8; its size is checked from the header, before any pixel is decoded, so a
-    huge image (a decompression bomb) costs nothing and warns nothing."""
+def read_image(file: Path | BinaryIO, name: str | None = None) -> np.ndarray:
+    """One 28×28 image (a file, or its bytes as a binary stream called `name` in errors) as grayscale uint8; its
+    size is checked from the header, before any pixel is decoded, so a huge image (a decompression bomb) costs
+    nothing and warns nothing."""
     from PIL import Image
 
+    name = name or str(file)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -45,13 +48,15 @@ def read_image(file: Path) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         pixels = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
-        raise DataError(f"{file}: image has {size}, far too many; the networks take 28×28") from e
+        raise DataError(f"{name}: image has {size}, far too many; the networks take 28×28") from e
+    except Image.UnidentifiedImageError as e:  # its message names a Python object, not the problem
+        raise DataError(f"{name}: not a readable image (neither PNG nor JPEG)") from e
     except OSError as e:
-        raise DataError(f"{file}: not a readable image ({e})") from e
+        raise DataError(f"{name}: not a readable image ({e})") from e
     with image:
         if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-            raise DataError(f"{file}: image is {image.size[0]}×{image.size[1]}, the networks take 28×28")
+            raise DataError(f"{name}: image is {image.size[0]}×{image.size[1]}, the networks take 28×28")
         try:
             return np.asarray(image.convert("L"), dtype=np.uint8)
         except OSError as e:  # a header that promises more pixels than the file holds
-            raise DataError(f"{file}: not a readable image ({e})") from e
+            raise DataError(f"{name}: not a readable image ({e})") from e

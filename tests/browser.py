@@ -26,19 +26,24 @@ def chromium() -> str | None:
     )
 
 
+def dom_of(url: str, budget_ms: int = 20_000) -> str:
+    """The DOM of a page once its scripts have run for `budget_ms` of virtual time."""
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}",
+             f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+
+
 def image_counts(page: Path) -> tuple[int, int]:
     """(images, broken images) of an HTML page, as Chromium loads it from beside the original (relative links work)."""
     text = page.read_text()
     probe = page.with_name(f".browser-check-{page.name}")
     probe.write_text(text.replace("</body>", COUNT_IMAGES + "</body>") if "</body>" in text else text + COUNT_IMAGES)
     try:
-        with tempfile.TemporaryDirectory() as profile:
-            dom = subprocess.run(
-                [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}",
-                 "--virtual-time-budget=10000", "--dump-dom", probe.resolve().as_uri()],
-                capture_output=True, text=True, timeout=120, check=True,
-            ).stdout  # fmt: skip
+        dom = dom_of(probe.resolve().as_uri(), budget_ms=10_000)
     finally:
         probe.unlink()
     found = re.search(r"<title>IMAGES (\d+) BROKEN (\d+)</title>", dom)

@@ -53,6 +53,15 @@ def tiny_data(tmp_path: Path) -> Path:
     return write_idx_dir(tmp_path / "fmnist")
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 USERS_HOME = Path.home()  # as the suite found it, before isolated_home replaces it
 
 

@@ -49,10 +49,18 @@ def test_whole_flow_trains_every_network_per_seed_writes_the_report_and_artifact
             metrics = json.loads((run_dir / network / f"seed-{seed}" / "evaluate" / "test_metrics.json").read_text())
             assert f"{metrics['accuracy']:.2%}" in report  # numbers come from the metrics files
             assert (run_dir / network / f"seed-{seed}" / "train" / "checkpoints" / "best.ckpt").is_file()
+            assert list((run_dir / network / f"seed-{seed}" / "train").glob("events.out.tfevents.*"))  # TensorBoard
             assert not record["steps"][f"train-{network}-seed{seed}"]["cached"]
         # The report shows the first seed's training-set confusion matrix only: no other seed predicts that split.
         assert (run_dir / network / "seed-0" / "evaluate" / "predictions_train.csv").is_file()
         assert not (run_dir / network / "seed-1" / "evaluate" / "predictions_train.csv").exists()
+        # Each network's first seed is exported, and the export says what the evaluation measured.
+        exported = json.loads((run_dir / "export" / network / "model.json").read_text())
+        evaluated = json.loads((run_dir / network / "seed-0" / "evaluate" / "test_metrics.json").read_text())
+        assert exported["test_accuracy"] == pytest.approx(evaluated["accuracy"], abs=3 / 101)  # bf16 CPUs: a few images
+        assert (run_dir / "export" / network / "model.onnx").is_file() and "## Where it fails" in (
+            run_dir / "export" / network / "README.md"
+        ).read_text()
     seeds_differ = [
         pd.read_csv(run_dir / "cnn" / f"seed-{s}" / "train" / "history.csv")["train/loss"].tolist() for s in (0, 1)
     ]
@@ -74,6 +82,7 @@ def test_whole_flow_trains_every_network_per_seed_writes_the_report_and_artifact
     assert all(
         steps[f"{kind}-{n}-seed{s}"]["cached"] for kind in ("train", "evaluate") for n in NETWORKS for s in (0, 1)
     )
+    assert all(steps[f"export-{n}-seed0"]["cached"] for n in NETWORKS)
     assert checkpoint.stat().st_mtime_ns == written
     assert (tmp_path / "latest").resolve() == again.resolve()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import FLOW_FILE, N_TEST, tiny_args
+from conftest import FLOW_FILE, N_TEST, free_port, tiny_args
 
 from fmnist_pl.pipeline.processes import descendants
 from fmnist_pl.pipeline.settings import PipelineSettings
@@ -23,14 +23,6 @@ from fmnist_pl.pipeline.settings import PipelineSettings
 pytestmark = pytest.mark.integration  # several processes, a Prefect server
 REPO = FLOW_FILE.parents[1]
 FAKE_SRUN = Path(__file__).with_name("fake_srun.py")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_nodes(args: list[str], nodes: int = 2, per_node: int = 1) -> list[subprocess.Popen]:

@@ -11,7 +11,7 @@ from fmnist_pl.pipeline.processes import begin_run, stop_children
 from fmnist_pl.pipeline.run_record import CURRENT, RunRecord, link, mark_dead_runs, new_run_dir, point_latest_at
 from fmnist_pl.pipeline.scheduling import cpu_schedule
 from fmnist_pl.pipeline.settings import PipelineSettings
-from fmnist_pl.pipeline.tasks import download_data, evaluate_model, train_model, write_report
+from fmnist_pl.pipeline.tasks import download_data, evaluate_model, export_model, train_model, write_report
 
 
 @flow(name="fmnist-full-pipeline", log_prints=True)
@@ -47,12 +47,17 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
         trainings = {(n, s): train_model.submit(n, s, settings, data, steps_dir, threads.get(n), budget, ticket)
                      for ticket, (n, s) in enumerate(runs)}  # fmt: skip
         evaluations = {(n, s): evaluate_model.submit(n, s, trainings[n, s], settings, data, steps_dir) for n, s in runs}
+        first = settings.seeds[0]  # each network's first-seed model is exported for use outside PyTorch
+        exports = {n: export_model.submit(n, first, trainings[n, first], settings, data, steps_dir) for n in networks}
         for network, seed in runs:  # the run folder shows each training's step folders, which stay shared and cached
             trained = finish(layout.step_name("train", network, seed), trainings[network, seed])
             link(run.training(network, seed).path, Path(trained["dir"]))
         for network, seed in runs:
             evaluated = finish(layout.step_name("evaluate", network, seed), evaluations[network, seed])
             link(run.evaluation(network, seed).path, Path(evaluated["dir"]))
+        for network in networks:
+            exported = finish(layout.step_name("export", network, first), exports[network])
+            link(run.export(network), Path(exported["dir"]))
         finish("report", write_report.submit(str(run.path)))
     except BaseException as e:  # stopped (SIGTERM, Ctrl-C) or failed: stop every training, and say so
         stop_children()
@@ -61,5 +66,5 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
         raise
     record.end("completed")
     point_latest_at(run.path)
-    print(f"fmnist-pl pipeline: done, report at {run.report('.md')}")
+    print(f"fmnist-pl pipeline: done, report at {run.report('.md')}, ONNX models in {run.path / layout.EXPORT_DIR}")
     return str(run.path)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fmnist_pl import __version__
 from fmnist_pl.errors import ConfigError
-from fmnist_pl.io import write_text_atomic
+from fmnist_pl.io import file_sha256, write_text_atomic
 from fmnist_pl.module import read_checkpoint
 from fmnist_pl.pipeline.processes import run_logger, stopping
 from fmnist_pl.pipeline.settings import PipelineSettings
@@ -44,21 +44,17 @@ def training_key(network: str, seed: int, settings: PipelineSettings, data: dict
                     threads=threads)  # fmt: skip
 
 
+def export_key(checkpoint: Path, data: dict) -> str:
+    """An export step's cache key: the checkpoint's bytes, the data its parity check runs on, and the code."""
+    return step_key(step="export", checkpoint=file_sha256(checkpoint), data=data["sha256"], version=__version__)
+
+
 def evaluation_key(checkpoint: Path, data: dict, training_split: bool) -> str:
     """An evaluation step's cache key: the bytes of the checkpoint it evaluates (a retrained or replaced
     checkpoint is evaluated again; a moved or copied one is the same), the data, the code, and whether it predicts
     the training split too."""
     return step_key(step="evaluate", checkpoint=file_sha256(checkpoint), data=data["sha256"], version=__version__,
                     training_split=training_split)  # fmt: skip
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes (a 27 MB checkpoint: about 30 ms)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def reuse_finished(work: Path, what: str, outputs: list[Path]) -> dict | None:

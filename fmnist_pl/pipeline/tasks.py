@@ -22,6 +22,7 @@ from fmnist_pl.pipeline.scheduling import training_queue
 from fmnist_pl.pipeline.settings import PipelineSettings
 from fmnist_pl.pipeline.step_cache import (
     evaluation_key,
+    export_key,
     mark_finished,
     reuse_finished,
     set_aside_if_damaged,
@@ -142,6 +143,34 @@ def evaluate_model(
         result = {"network": network, "seed": seed, "dir": str(work.path), "train_dir": Path(trained["dir"]).name,
                   "wall_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
         return mark_finished(work.path, result, outputs)
+
+
+@step_task("export-{network}-seed{seed}", backoff_seconds=5)
+def export_model(
+    network: str, seed: int, trained: dict, settings: PipelineSettings, data: dict, steps_dir: str
+) -> dict:
+    """`fmnist-pl export` of a training's best checkpoint: model.onnx (checked against PyTorch on the test set),
+    model.json and the model card."""
+    best = layout.TrainingFolder(Path(trained["dir"])).best_checkpoint
+    work = layout.step_folder(Path(steps_dir), "export", network, seed, export_key(best, data))
+    what = f"{network} seed {seed} export"
+    outputs = [work / layout.ONNX_MODEL, work / layout.MODEL_DESCRIPTION, work / layout.MODEL_CARD]
+    if finished := reuse_finished(work, what, outputs):
+        return finished
+    with step_lock(work), naming_place(work):
+        if finished := reuse_finished(work, what, outputs):
+            return finished
+        log = work / "export.log"
+        get_run_logger().info(f"exporting to ONNX; log: {log}")
+        started = time.perf_counter()
+        run_step_command(
+            ["export", f"--ckpt_path={best}", f"--output_dir={work}", f"--data.data_dir={data['source_dir']}",
+             f"--data.require_official={str(settings.require_official).lower()}"],
+            log,
+        )  # fmt: skip
+        result = {"network": network, "seed": seed, "dir": str(work), "train_dir": Path(trained["dir"]).name,
+                  "wall_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+        return mark_finished(work, result, outputs)
 
 
 @task(retries=1, task_run_name="report")

@@ -78,3 +78,11 @@ def describe_spread(values: list[float]) -> dict:
     """Mean, sample standard deviation (None for one value), min and max."""
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
             "min": float(min(values)), "max": float(max(values))}  # fmt: skip
+
+
+def accuracy_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson's 95 % score interval for an accuracy of `correct` out of `total` images (z: the normal quantile)."""
+    share = correct / total
+    centre = (share + z**2 / (2 * total)) / (1 + z**2 / total)
+    half = z * math.sqrt(share * (1 - share) / total + z**2 / (4 * total**2)) / (1 + z**2 / total)
+    return centre - half, centre + half
