@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -160,6 +161,11 @@ def build_server(model: Path, max_batch_size: int = 32, batch_timeout: float = 0
     return ls.LitServer(api, accelerator="cpu", workers_per_device=workers, middlewares=[ImageRequests])
 
 
+def stop_serving(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: LitServe's graceful shutdown, which stops every process it started."""
+    raise KeyboardInterrupt
+
+
 def serve_main(argv: list[str]) -> None:
     """`fmnist-pl serve`: classify PNGs over HTTP with an exported model (POST /predict, GET /health)."""
     parser = argparse.ArgumentParser(prog="fmnist-pl serve", description=serve_main.__doc__)
@@ -171,5 +177,7 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--workers", type=int, default=1, help="inference processes (default 1)")
     args = parser.parse_args(argv)
     server = build_server(args.model, args.max_batch_size, args.batch_timeout, args.workers)
+    # LitServe shuts its HTTP and inference processes down on Ctrl-C only; `kill` would orphan them.
+    signal.signal(signal.SIGTERM, stop_serving)
     print(f"fmnist-pl serve: {args.model} at http://{args.host}:{args.port}/predict (POST a 28×28 PNG)", flush=True)
     server.run(host=args.host, port=args.port, generate_client_file=False)

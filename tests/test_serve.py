@@ -19,6 +19,7 @@ from fmnist_pl.cli import main
 from fmnist_pl.export import RawImageClassifier, onnx_probabilities, write_onnx
 from fmnist_pl.fashion_mnist import CLASS_NAMES
 from fmnist_pl.networks import NETWORKS
+from fmnist_pl.pipeline.processes import descendants
 
 litserve = pytest.importorskip("litserve", reason="the serve extra: pip install -e '.[serve]' (CI installs it)")
 
@@ -140,9 +141,17 @@ def test_a_missing_or_foreign_model_file_is_one_line(
     assert len(err) == 1 and err[0].startswith(f"fmnist-pl: error: --model {path}: ")
 
 
+def alive(pid: int) -> bool:
+    """A process that runs (not a zombie waiting for its parent to read its exit code)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(shutil.which("curl") is None, reason="no curl here")
-def test_the_command_serves_a_png_to_curl(model: Path, tmp_path: Path) -> None:
+def test_the_command_serves_a_png_to_curl_and_stops_whole_on_kill(model: Path, tmp_path: Path) -> None:
     port = free_port()
     image = tmp_path / "shirt.png"
     image.write_bytes(png(IMAGES[2]))
@@ -161,9 +170,15 @@ def test_the_command_serves_a_png_to_curl(model: Path, tmp_path: Path) -> None:
         for how in (["--data-binary", f"@{image}"], ["-F", f"image=@{image}"]):
             answer = subprocess.run(["curl", "-sf", *how, f"{url}/predict"], capture_output=True, text=True)
             assert answer.returncode == 0 and json.loads(answer.stdout)["class"] == expected
+        started = descendants(server.pid)  # LitServe's HTTP and inference processes
+        assert started
     finally:
         server.terminate()
         server.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while (left := [pid for pid in started if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == [], "`kill` left LitServe's processes running"
 
 
 @pytest.mark.integration
