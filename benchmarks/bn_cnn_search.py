@@ -123,8 +123,11 @@ def main() -> None:
     net = Net(args).to(memory_format=torch.channels_last)
     decayed = [p for p in net.parameters() if p.ndim > 1]
     others = [p for p in net.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": args.weight_decay},
-                                   {"params": others, "weight_decay": 0.0}], lr=args.lr, fused=True)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        [{"params": decayed, "weight_decay": args.weight_decay}, {"params": others, "weight_decay": 0.0}],
+        lr=args.lr,
+        fused=True,
+    )
     steps = args.epochs * math.ceil(len(train_labels) / args.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.25)
     ema = None
@@ -142,8 +145,11 @@ def main() -> None:
             if args.erase:
                 images = random_erase(images, generator, args.erase)
             with torch.autocast("cpu", torch.bfloat16, enabled=bool(args.bf16)):
-                loss = F.cross_entropy(net(images.contiguous(memory_format=torch.channels_last)),
-                                       train_labels[batch], label_smoothing=args.label_smoothing)  # fmt: skip
+                loss = F.cross_entropy(
+                    net(images.contiguous(memory_format=torch.channels_last)),
+                    train_labels[batch],
+                    label_smoothing=args.label_smoothing,
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -155,9 +161,16 @@ def main() -> None:
     model = ema.module if ema else net
     val, val_tta = accuracy(model, val_images, val_labels, bool(args.bf16))
     test, test_tta = accuracy(model, data.test_images, data.test_labels, bool(args.bf16))
-    result = {**vars(args), "params": sum(p.numel() for p in net.parameters()), "val": val, "val_tta": val_tta,
-              "test": test, "test_tta": test_tta, "train_seconds": round(train_seconds, 1),
-              "median_epoch_seconds": round(sorted(epoch_seconds)[len(epoch_seconds) // 2], 1)}  # fmt: skip
+    result = {
+        **vars(args),
+        "params": sum(p.numel() for p in net.parameters()),
+        "val": val,
+        "val_tta": val_tta,
+        "test": test,
+        "test_tta": test_tta,
+        "train_seconds": round(train_seconds, 1),
+        "median_epoch_seconds": round(sorted(epoch_seconds)[len(epoch_seconds) // 2], 1),
+    }
     print(json.dumps(result), flush=True)
     with open(RESULTS, "a") as f:
         f.write(json.dumps(result) + "\n")

@@ -32,13 +32,23 @@ def main() -> None:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))  # a plain `kill` cleans up like Ctrl-C
     with tempfile.TemporaryDirectory(prefix="fmnist-bench-") as out:
-        command = [sys.executable, str(FLOW), "--profile", args.profile, "--seeds", *args.seeds, "--output-dir", out,
-                   *args.extra]  # fmt: skip
+        command = [
+            sys.executable,
+            str(FLOW),
+            "--profile",
+            args.profile,
+            "--seeds",
+            *args.seeds,
+            "--output-dir",
+            out,
+            *args.extra,
+        ]
         started = time.perf_counter()
         # Its own process group, so that stopping the benchmark also stops the temporary Prefect server the flow
         # started: left running, it takes CPU from every later measurement.
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         try:
             _, stderr = process.communicate()
         finally:
@@ -54,14 +64,24 @@ def main() -> None:
     for network, r in summary["networks"].items():
         accuracy, time_ = r["test_accuracy"], r["training_wall_seconds"]
         std = f" ± {accuracy['std'] * 100:.2f}" if accuracy["std"] is not None else ""
-        line = (f"  {network}: test accuracy {accuracy['mean']:.2%}{std} (min {accuracy['min']:.2%}, "
-                f"max {accuracy['max']:.2%})")  # fmt: skip
+        line = (
+            f"  {network}: test accuracy {accuracy['mean']:.2%}{std} (min {accuracy['min']:.2%}, "
+            f"max {accuracy['max']:.2%})"
+        )
         if r["test_time_flip"]:
             line += f"; without flip TTA {r['test_accuracy_without_flip']['mean']:.2%}"
-        print(f"{line}; training {time_['mean']:.0f} s (min {time_['min']:.0f}, max {time_['max']:.0f}); "
-              f"{r['trainable_parameters']:,} parameters, {r['flops_per_image'] / 1e6:.2f} MFLOPs/image")  # fmt: skip
-    print("  step wall times: " + ", ".join(f"{name} {step['wall_seconds']:.1f} s" for name, step in steps.items()
-                                          if isinstance(step, dict) and "wall_seconds" in step))  # fmt: skip
+        print(
+            f"{line}; training {time_['mean']:.0f} s (min {time_['min']:.0f}, max {time_['max']:.0f}); "
+            f"{r['trainable_parameters']:,} parameters, {r['flops_per_image'] / 1e6:.2f} MFLOPs/image"
+        )
+    print(
+        "  step wall times: "
+        + ", ".join(
+            f"{name} {step['wall_seconds']:.1f} s"
+            for name, step in steps.items()
+            if isinstance(step, dict) and "wall_seconds" in step
+        )
+    )
     print(summary["verdict"])
 
 

@@ -59,11 +59,15 @@ class StepTimer(L.Callback):
     def __init__(self, warmup: int, steps: int) -> None:
         self.warmup, self.steps, self.seconds = warmup, steps, 0.0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int
+    ) -> None:
         if batch_idx == self.warmup:
             self.started = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
         if batch_idx == self.warmup + self.steps - 1:
             self.seconds = time.perf_counter() - self.started
 
@@ -92,10 +96,19 @@ def lightning_fit(
     """Images/s of `Trainer.fit` with the project's module and the CLI's progress bar (or, `bare`, neither)."""
     model = TextbookModule(make_model(network)) if bare else make_model(network)
     timer = StepTimer(warmup, steps)
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=warmup + steps, limit_val_batches=0, accelerator="cpu",
-                        devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        callbacks=[timer] if bare else [timer, default_progress_bar()], enable_progress_bar=not bare,
-                        num_sanity_val_steps=0)  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=warmup + steps,
+        limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[timer] if bare else [timer, default_progress_bar()],
+        enable_progress_bar=not bare,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, datamodule=data)
     return steps * batch_size / timer.seconds
 
@@ -137,9 +150,11 @@ def main() -> None:
     data = FashionMNISTDataModule(batch_size=args.batch_size)
     data.prepare_data()
     data.setup("fit")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"{args.steps} timed steps per round, {args.rounds} rounds"
-          + (", textbook LightningModule without progress bar (--bare)" if args.bare else ""))  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+        f"{args.steps} timed steps per round, {args.rounds} rounds"
+        + (", textbook LightningModule without progress bar (--bare)" if args.bare else "")
+    )
     load_seconds, load_rate = data_only(data)
     print(f"data only: one training epoch of batches in {load_seconds:.2f} s ({load_rate:,.0f} images/s)")
     print(

@@ -177,7 +177,9 @@ class PredictionsWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
         self.name_by_split = name_by_split
 
-    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:  # noqa: ANN001
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: list, batch_indices: list | None
+    ) -> None:
         directory = run_dir(trainer)
         if not directory:
             return

@@ -171,8 +171,11 @@ class FashionMNISTCLI(LightningCLI):
         if ckpt_path and ckpt_path not in CKPT_KEYWORDS:
             check_checkpoint(ckpt_path, config, self.config.subcommand, self.command_line)
         # How to test or predict is the user's choice even with a checkpoint: kept, and restored below.
-        self.inference_options = {option: config["model"][option] for option in INFERENCE_OPTIONS
-                                  if config and any(a.startswith(f"--model.{option}") for a in self.command_line)}  # fmt: skip
+        self.inference_options = {
+            option: config["model"][option]
+            for option in INFERENCE_OPTIONS
+            if config and any(a.startswith(f"--model.{option}") for a in self.command_line)
+        }
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
@@ -188,18 +191,26 @@ class FashionMNISTCLI(LightningCLI):
         # The packaged configs ask for bf16-mixed, which is 1.3-2x faster on CPUs with AVX-512 BF16 or AMX and on
         # GPUs, and about 10x slower where the CPU has to emulate it. A config file's bf16 therefore gives way to
         # fp32 on such a CPU; asked for on the command line, it is kept.
-        if (str(trainer.get("precision")).startswith("bf16") and on_cpu(str(trainer.get("accelerator")))
-                and not cpu_has_fast_bf16() and not any(a.startswith("--trainer.precision") for a in self.command_line)):  # fmt: skip
-            print(f"fmnist-pl: this CPU has no native bfloat16 (AVX-512 BF16 or AMX): training in 32-true instead of "
-                  f"{trainer['precision']} (--trainer.precision {trainer['precision']} keeps it)", file=sys.stderr)  # fmt: skip
+        if (
+            str(trainer.get("precision")).startswith("bf16")
+            and on_cpu(str(trainer.get("accelerator")))
+            and not cpu_has_fast_bf16()
+            and not any(a.startswith("--trainer.precision") for a in self.command_line)
+        ):
+            print(
+                f"fmnist-pl: this CPU has no native bfloat16 (AVX-512 BF16 or AMX): training in 32-true instead of "
+                f"{trainer['precision']} (--trainer.precision {trainer['precision']} keeps it)",
+                file=sys.stderr,
+            )
             trainer["precision"] = "32-true"
         if self.subcommand == "fit":
             epochs, steps = config["trainer"].get("max_epochs"), config["trainer"].get("max_steps") or -1
             if epochs is not None and epochs == 0 or (epochs is not None and epochs < -1):
                 raise ConfigError(f"trainer.max_epochs must be ≥ 1 (or -1 for no limit), got {epochs}")
             if config["model"].get("lr_schedule") == "one_cycle" and epochs in (None, -1) and steps == -1:
-                raise ConfigError("the one_cycle schedule needs a finite length: set --trainer.max_epochs "
-                                  "(or --trainer.max_steps)")  # fmt: skip
+                raise ConfigError(
+                    "the one_cycle schedule needs a finite length: set --trainer.max_epochs (or --trainer.max_steps)"
+                )
 
 
 def add_tensorboard(trainer: L.Trainer) -> None:
@@ -225,8 +236,10 @@ def check_checkpoint(ckpt_path: str, config: dict, subcommand: str, command_line
     default = inspect.signature(FashionMNISTClassifier).parameters["network"].default
     named = bool(config.get("config")) or asked != default or any(a.startswith("--model.network") for a in command_line)
     if named and asked != held:
-        raise ConfigError(f"checkpoint {ckpt_path} holds a {held!r} network, not {asked!r}; pass that network's "
-                          f"config, or a checkpoint of {asked!r}")  # fmt: skip
+        raise ConfigError(
+            f"checkpoint {ckpt_path} holds a {held!r} network, not {asked!r}; pass that network's "
+            f"config, or a checkpoint of {asked!r}"
+        )
     if subcommand == "fit":
         check_schedule_fits(checkpoint, config["trainer"].get("max_epochs"), ckpt_path)
 
@@ -240,8 +253,10 @@ def check_schedule_fits(checkpoint: dict, max_epochs: int | None, path: str) -> 
         return
     planned = round(schedules[0]["total_steps"] * epochs_done / steps_done)
     if planned != max_epochs:
-        raise ConfigError(f"checkpoint {path} was trained under a one_cycle schedule planned for {planned} epoch(s); "
-                          f"resume it with --trainer.max_epochs {planned}, or start afresh without --ckpt_path")  # fmt: skip
+        raise ConfigError(
+            f"checkpoint {path} was trained under a one_cycle schedule planned for {planned} epoch(s); "
+            f"resume it with --trainer.max_epochs {planned}, or start afresh without --ckpt_path"
+        )
 
 
 def data_seed(seed_everything: int | bool) -> int | None:
@@ -316,8 +331,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except ArgumentError as e:  # the line that matters first, then where to look; not 80 lines of usage
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        details = [next((line.lstrip("- ") for line in lines if line.startswith(start)), "")
-                   for start in ("- Expected", "Given value:", "Expected a typing.Literal")]  # fmt: skip
+        details = [
+            next((line.lstrip("- ") for line in lines if line.startswith(start)), "")
+            for start in ("- Expected", "Given value:", "Expected a typing.Literal")
+        ]
         print(f"fmnist-pl: error: {' '.join(filter(None, (lines[0] if lines else '', *details)))}", file=sys.stderr)
         command = args[0] if args and not args[0].startswith("-") else "<command>"
         print(f"(`fmnist-pl {command} --help` lists every option)", file=sys.stderr)

@@ -24,9 +24,17 @@ from fmnist_pl.errors import DataError, DownloadError
 from fmnist_pl.io import PLACE_ERRORS, atomic_write
 
 CLASS_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 IMAGE_SIZE = 28
 DATA_DIR_ENV = "FMNIST_DATA_DIR"
 # Debian's `dataset-fashion-mnist` package installs the official files here.
@@ -36,11 +44,31 @@ KNOWN_LOCAL_COPIES = (Path("/usr/share/datasets/fashion-mnist"),)
 # Content hashes rather than the .gz MD5s: re-gzipped copies (Debian's, for one) hold the same bytes
 # in a different .gz wrapper, and it is the bytes that must be right.
 OFFICIAL_FILES = {
-    "train-images-idx3-ubyte": ("train", "images", 60_000, "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
-    "train-labels-idx1-ubyte": ("train", "labels", 60_000, "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
-    "t10k-images-idx3-ubyte": ("test", "images", 10_000, "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
-    "t10k-labels-idx1-ubyte": ("test", "labels", 10_000, "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
-}  # fmt: skip
+    "train-images-idx3-ubyte": (
+        "train",
+        "images",
+        60_000,
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    ),
+    "train-labels-idx1-ubyte": (
+        "train",
+        "labels",
+        60_000,
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    ),
+    "t10k-images-idx3-ubyte": (
+        "test",
+        "images",
+        10_000,
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    ),
+    "t10k-labels-idx1-ubyte": (
+        "test",
+        "labels",
+        10_000,
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    ),
+}
 IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # uint8 data, 3 resp. 1 dimensions
 CACHE_FORMAT = 2  # bump when the cached tensors' layout changes
 
@@ -130,8 +158,10 @@ def check_headers(directory: Path) -> dict[str, int]:
         count = int.from_bytes(head[4:8], "big")
         expected = (16 + count * IMAGE_SIZE * IMAGE_SIZE if kind == "images" else 8 + count) % 2**32
         if length != expected:
-            raise DataError(f"{path}: header says {count:,} {kind} but the file holds {length:,} bytes, not "
-                            f"{expected:,}; it is truncated or corrupt, copy or download it again")  # fmt: skip
+            raise DataError(
+                f"{path}: header says {count:,} {kind} but the file holds {length:,} bytes, not "
+                f"{expected:,}; it is truncated or corrupt, copy or download it again"
+            )
         counts[stem] = count
     return counts
 

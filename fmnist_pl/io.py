@@ -36,8 +36,10 @@ def place_error(error: BaseException, where: str | Path | None = None) -> PlaceE
     written = error.filename2 or error.filename  # a failed copy names its source first, its destination second
     place = Path(written).parent if written else where
     at = f"{place}: " if place else ""
-    return PlaceError(f"{at}cannot write there, {PLACE_ERRORS[error.errno]}; free space or fix the folder's "
-                      "permissions, or choose another folder")  # fmt: skip
+    return PlaceError(
+        f"{at}cannot write there, {PLACE_ERRORS[error.errno]}; free space or fix the folder's "
+        "permissions, or choose another folder"
+    )
 
 
 @contextmanager

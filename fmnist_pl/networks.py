@@ -66,17 +66,27 @@ class StudyLeNetCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),  # 28×28×6 → 14×14×6
-            nn.Conv2d(6, 36, 5), nn.Tanh(), nn.AvgPool2d(2),  # 10×10×36 → 5×5×36
-            nn.Conv2d(36, 108, 5), nn.Tanh(), nn.Flatten(),  # 1×1×108 → 108
-        )  # fmt: skip
+            nn.Conv2d(1, 6, 5, padding=2),
+            nn.Tanh(),
+            nn.AvgPool2d(2),  # 28×28×6 → 14×14×6
+            nn.Conv2d(6, 36, 5),
+            nn.Tanh(),
+            nn.AvgPool2d(2),  # 10×10×36 → 5×5×36
+            nn.Conv2d(36, 108, 5),
+            nn.Tanh(),
+            nn.Flatten(),  # 1×1×108 → 108
+        )
         self.classifier = nn.Sequential(
-            nn.Linear(108, 84), nn.Tanh(),
-            nn.Linear(84, 42), nn.Tanh(),
-            nn.Linear(42, 21), nn.Tanh(),
-            nn.Linear(21, 10), nn.Tanh(),
+            nn.Linear(108, 84),
+            nn.Tanh(),
+            nn.Linear(84, 42),
+            nn.Tanh(),
+            nn.Linear(42, 21),
+            nn.Tanh(),
+            nn.Linear(21, 10),
+            nn.Tanh(),
             nn.Linear(10, 10),  # logits
-        )  # fmt: skip
+        )
         keras_init_(self)
         # Channels-last weights and inputs take oneDNN's faster convolution kernels: +15-25 % CNN training
         # throughput on CPU (batch 32-256), the same arithmetic. load_state_dict keeps this layout.
@@ -98,8 +108,12 @@ def conv_bn_gelu(channels_in: int, channels_out: int, pool: bool = False) -> lis
     on a 2-core CPU that made a training step 2.8 times cheaper than pooling after them (benchmarks/README.md).
     """
     pooling = [nn.MaxPool2d(2)] if pool else []
-    return [nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False), *pooling, nn.BatchNorm2d(channels_out),
-            nn.GELU()]  # fmt: skip
+    return [
+        nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False),
+        *pooling,
+        nn.BatchNorm2d(channels_out),
+        nn.GELU(),
+    ]
 
 
 class PatchWhitening(nn.Conv2d):

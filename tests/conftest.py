@@ -37,9 +37,11 @@ def write_idx_dir(directory: Path, n_train: int = N_TRAIN, n_test: int = N_TEST,
     directory.mkdir(parents=True, exist_ok=True)
     (train_x, train_y), (test_x, test_y) = make_split(n_train, 0), make_split(n_test, 1)
     files = {
-        "train-images-idx3-ubyte": train_x, "train-labels-idx1-ubyte": train_y,
-        "t10k-images-idx3-ubyte": test_x, "t10k-labels-idx1-ubyte": test_y,
-    }  # fmt: skip
+        "train-images-idx3-ubyte": train_x,
+        "train-labels-idx1-ubyte": train_y,
+        "t10k-images-idx3-ubyte": test_x,
+        "t10k-labels-idx1-ubyte": test_y,
+    }
     for stem, array in files.items():
         if gz:
             (directory / f"{stem}.gz").write_bytes(gzip.compress(idx_bytes(array), mtime=0))
@@ -66,7 +68,7 @@ USERS_HOME = Path.home()  # as the suite found it, before isolated_home replaces
 
 
 @pytest.fixture(scope="session", autouse=True)
-def isolated_home(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def isolated_home(tmp_path_factory: pytest.TempPathFactory):
     """The whole session, subprocesses included, runs with a home of its own: the decoded-data cache, Prefect's
     database and anything else a test or the code under test keeps in a home go there, never into the user's."""
     home = tmp_path_factory.mktemp("home")
@@ -89,11 +91,18 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def tiny_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     """CLI arguments for a fast CPU run on the tiny dataset."""
     return [
-        f"--data.data_dir={data_dir}", "--data.require_official=false", "--data.val_size=100",
-        "--data.batch_size=32", "--data.eval_batch_size=50",
-        f"--trainer.logger.init_args.save_dir={out_dir}", "--trainer.accelerator=cpu", "--trainer.devices=1",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra,
-    ]  # fmt: skip
+        f"--data.data_dir={data_dir}",
+        "--data.require_official=false",
+        "--data.val_size=100",
+        "--data.batch_size=32",
+        "--data.eval_batch_size=50",
+        f"--trainer.logger.init_args.save_dir={out_dir}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *extra,
+    ]
 
 
 FLOW_FILE = Path(__file__).resolve().parents[1] / "flows" / "full_pipeline.py"  # what users run, as a script
@@ -142,9 +151,17 @@ def write_fake_run(root: Path, accuracies: dict[str, float], seeds: tuple[int, .
             evaluation = layout.EvaluationFolder(root / "outputs" / "steps" / f"evaluate-{network}-seed{seed}-key")
             training.path.mkdir(parents=True)
             evaluation.path.mkdir(parents=True)
-            pd.DataFrame({"epoch": [0, 1], "train/loss": [1.0, 0.5], "train/acc": [0.6, 0.8], "val/loss": [0.9, 0.6],
-                          "val/acc": [0.7, accuracy], "lr": [1e-3, 1e-4], "epoch_seconds": [2.0, 2.0]}).to_csv(
-                training.history, index=False)  # fmt: skip
+            pd.DataFrame(
+                {
+                    "epoch": [0, 1],
+                    "train/loss": [1.0, 0.5],
+                    "train/acc": [0.6, 0.8],
+                    "val/loss": [0.9, 0.6],
+                    "val/acc": [0.7, accuracy],
+                    "lr": [1e-3, 1e-4],
+                    "epoch_seconds": [2.0, 2.0],
+                }
+            ).to_csv(training.history, index=False)
             for split, labels in (("test", test_labels), ("train", train_labels[100:])):
                 predicted = np.where(rng.random(len(labels)) < accuracy, labels, (labels + 1) % 10)
                 frame = pd.DataFrame({"label": labels, "predicted": predicted, "confidence": 0.9})
@@ -156,11 +173,17 @@ def write_fake_run(root: Path, accuracies: dict[str, float], seeds: tuple[int, .
                     matrix = np.zeros((10, 10), dtype=int)
                     np.add.at(matrix, (labels, predicted), 1)
                     pd.DataFrame(matrix, CLASS_NAMES, CLASS_NAMES).to_csv(evaluation.confusion_test)
-                    metrics = {"network": network, "accuracy": np.trace(matrix) / len(labels), "loss": 0.5,
-                               "images": len(labels), "test_time_flip": network == "bn_cnn",
-                               "accuracy_without_flip": np.trace(matrix) / len(labels) - 0.01 * (network == "bn_cnn"),
-                               "trainable_parameters": 1000 * (i + 1), "flops_per_image": 10**6 * (i + 1),
-                               "test_images_per_second": 5000}  # fmt: skip
+                    metrics = {
+                        "network": network,
+                        "accuracy": np.trace(matrix) / len(labels),
+                        "loss": 0.5,
+                        "images": len(labels),
+                        "test_time_flip": network == "bn_cnn",
+                        "accuracy_without_flip": np.trace(matrix) / len(labels) - 0.01 * (network == "bn_cnn"),
+                        "trainable_parameters": 1000 * (i + 1),
+                        "flops_per_image": 10**6 * (i + 1),
+                        "test_images_per_second": 5000,
+                    }
                     evaluation.test_metrics.write_text(json.dumps(metrics))
             steps[layout.step_name("train", network, seed)] = {
                 "dir": str(training.path),
@@ -173,14 +196,21 @@ def write_fake_run(root: Path, accuracies: dict[str, float], seeds: tuple[int, .
             ):
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(os.path.relpath(target, link.parent))
-    record = {"run_dir": str(run.path), "status": "completed", "networks": list(accuracies), "seeds": list(seeds),
-              "steps": steps, "settings": {"require_official": False}, "configs": {}}  # fmt: skip
+    record = {
+        "run_dir": str(run.path),
+        "status": "completed",
+        "networks": list(accuracies),
+        "seeds": list(seeds),
+        "steps": steps,
+        "settings": {"require_official": False},
+        "configs": {},
+    }
     run.record.write_text(json.dumps(record))
     return run.path
 
 
 @pytest.fixture
-def mount(tmp_path: Path):  # noqa: ANN201
+def mount(tmp_path: Path):
     """mount(name, options) -> a fresh tmpfs folder mounted with `options` (size=3m, ro, ...), unmounted after."""
     mounted = []
 

@@ -29,17 +29,33 @@ def main() -> None:
     args = parser.parse_args()
     tasks = args.nodes * args.ntasks_per_node
     shared = {
-        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "fmnist-pl", "SLURM_NTASKS": str(tasks),
-        "SLURM_NNODES": str(args.nodes), "SLURM_NTASKS_PER_NODE": str(args.ntasks_per_node),
-        "SLURM_NODELIST": "127.0.0.1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-    }  # fmt: skip
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "fmnist-pl",
+        "SLURM_NTASKS": str(tasks),
+        "SLURM_NNODES": str(args.nodes),
+        "SLURM_NTASKS_PER_NODE": str(args.ntasks_per_node),
+        "SLURM_NODELIST": "127.0.0.1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     processes = []
     for rank in range(tasks):
-        env = {**os.environ, **shared, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % args.ntasks_per_node),
-               "SLURM_NODEID": str(rank // args.ntasks_per_node)}  # fmt: skip
+        env = {
+            **os.environ,
+            **shared,
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank % args.ntasks_per_node),
+            "SLURM_NODEID": str(rank // args.ntasks_per_node),
+        }
         # Only rank 0's output is passed on, as the CLI writes files and progress from rank 0 alone.
-        processes.append(subprocess.Popen(args.command, env=env, stdout=None if rank == 0 else subprocess.DEVNULL,
-                                          stderr=None if rank == 0 else subprocess.DEVNULL))  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                args.command,
+                env=env,
+                stdout=None if rank == 0 else subprocess.DEVNULL,
+                stderr=None if rank == 0 else subprocess.DEVNULL,
+            )
+        )
     codes = [process.wait() for process in processes]
     sys.exit(next((code for code in codes if code), 0))
 

@@ -41,8 +41,13 @@ def test_fit_then_test_from_the_checkpoint(tiny_data: Path, tmp_path: Path) -> N
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert pd.read_csv(run / "confusion_matrix_val.csv", index_col=0).to_numpy().sum() == 100
 
-    main(["test", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=test"),
-          f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}"])  # fmt: skip
+    main(
+        [
+            "test",
+            *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=test"),
+            f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}",
+        ]
+    )
     tested = tmp_path / "runs" / "test"
     result = json.loads((tested / "test_metrics.json").read_text())
     matrix = pd.read_csv(tested / "confusion_matrix_test.csv", index_col=0)
@@ -56,28 +61,56 @@ def test_fit_then_test_from_the_checkpoint(tiny_data: Path, tmp_path: Path) -> N
 @pytest.mark.integration
 def test_evaluate_writes_what_test_and_predict_write_in_one_command(tiny_data: Path, tmp_path: Path) -> None:
     config = f"--config={profile_config('fast', 'bn_cnn')}"  # a network evaluated with flip TTA
-    main(["fit", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit"),
-          "--trainer.max_epochs=1"])  # fmt: skip
+    main(
+        [
+            "fit",
+            config,
+            *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit"),
+            "--trainer.max_epochs=1",
+        ]
+    )
     checkpoint = f"--ckpt_path={tmp_path / 'runs' / 'fit' / 'checkpoints' / 'best.ckpt'}"
     for command in ("test", "predict"):
-        main([command, config, *tiny_args(tiny_data, tmp_path, f"--trainer.logger.init_args.version={command}"),
-              checkpoint])  # fmt: skip
-    main(["evaluate", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=evaluate"),
-          checkpoint, "--predict_splits=[train]"])  # fmt: skip
+        main(
+            [
+                command,
+                config,
+                *tiny_args(tiny_data, tmp_path, f"--trainer.logger.init_args.version={command}"),
+                checkpoint,
+            ]
+        )
+    main(
+        [
+            "evaluate",
+            config,
+            *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=evaluate"),
+            checkpoint,
+            "--predict_splits=[train]",
+        ]
+    )
     evaluated, runs = layout.EvaluationFolder(tmp_path / "runs" / "evaluate"), tmp_path / "runs"
     tested = json.loads((runs / "test" / "test_metrics.json").read_text())
     metrics = json.loads(evaluated.test_metrics.read_text())
     assert metrics["test_time_flip"] is True
     assert {k: v for k, v in metrics.items() if k != "test_images_per_second"} == {
-        k: v for k, v in tested.items() if k != "test_images_per_second"}  # fmt: skip
+        k: v for k, v in tested.items() if k != "test_images_per_second"
+    }
     assert evaluated.confusion_test.read_text() == (runs / "test" / "confusion_matrix_test.csv").read_text()
     predicted = pd.read_csv(evaluated.predictions("test"))
     pd.testing.assert_frame_equal(predicted, pd.read_csv(runs / "predict" / "predictions.csv"))
     train = pd.read_csv(evaluated.predictions("train"))
     assert len(train) == N_TRAIN - 100  # the training split, less the 100 validation images
     # The training split is predicted without flip TTA: each image's probabilities are its plain softmax.
-    main(["predict", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=plain"), checkpoint,
-          "--data.predict_split=train", "--model.test_time_flip=false"])  # fmt: skip
+    main(
+        [
+            "predict",
+            config,
+            *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=plain"),
+            checkpoint,
+            "--data.predict_split=train",
+            "--model.test_time_flip=false",
+        ]
+    )
     pd.testing.assert_frame_equal(train, pd.read_csv(runs / "plain" / "predictions.csv"))
 
 
@@ -88,8 +121,14 @@ def test_every_registered_network_fits_tests_and_predicts_from_its_packaged_conf
 ) -> None:
     config = f"--config={profile_config('fast', network)}"
     # The config first: options after it override it, as on the command line.
-    main(["fit", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit"),
-          "--trainer.max_epochs=1"])  # fmt: skip
+    main(
+        [
+            "fit",
+            config,
+            *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit"),
+            "--trainer.max_epochs=1",
+        ]
+    )
     run = tmp_path / "runs" / "fit"
     checkpoint = f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}"
     main(["test", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=test"), checkpoint])
@@ -111,13 +150,29 @@ def test_every_registered_network_fits_tests_and_predicts_from_its_packaged_conf
 @pytest.mark.integration
 def test_same_seed_gives_identical_metrics(tiny_data: Path, tmp_path: Path) -> None:
     runs = [
-        epoch_metrics(fit(tiny_data, tmp_path / str(i), "--model.network=cnn", "--trainer.max_epochs=2",
-                          "--seed_everything=7", "--data.augment=true")).drop(columns=["epoch_seconds", "step"])
+        epoch_metrics(
+            fit(
+                tiny_data,
+                tmp_path / str(i),
+                "--model.network=cnn",
+                "--trainer.max_epochs=2",
+                "--seed_everything=7",
+                "--data.augment=true",
+            )
+        ).drop(columns=["epoch_seconds", "step"])
         for i in range(2)
-    ]  # fmt: skip
+    ]
     pd.testing.assert_frame_equal(runs[0], runs[1])
-    other = epoch_metrics(fit(tiny_data, tmp_path / "other", "--model.network=cnn", "--trainer.max_epochs=2",
-                              "--seed_everything=8", "--data.augment=true")).drop(columns=["epoch_seconds", "step"])  # fmt: skip
+    other = epoch_metrics(
+        fit(
+            tiny_data,
+            tmp_path / "other",
+            "--model.network=cnn",
+            "--trainer.max_epochs=2",
+            "--seed_everything=8",
+            "--data.augment=true",
+        )
+    ).drop(columns=["epoch_seconds", "step"])
     assert not runs[0].equals(other)
 
 
@@ -213,8 +268,13 @@ def test_training_metrics_are_the_exact_per_image_means_of_the_epoch(
     from fmnist_pl.module import FashionMNISTClassifier
 
     # A learning rate so small that the weights the epoch ends with are the ones every batch saw.
-    run = fit(tiny_data, tmp_path, "--trainer.max_epochs=1", "--model.learning_rate=1e-12",
-              f"--model.label_smoothing={label_smoothing}")  # fmt: skip
+    run = fit(
+        tiny_data,
+        tmp_path,
+        "--trainer.max_epochs=1",
+        "--model.learning_rate=1e-12",
+        f"--model.label_smoothing={label_smoothing}",
+    )
     logged = pd.read_csv(run / "history.csv").iloc[0]
     model = FashionMNISTClassifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt").eval()
     data = FashionMNISTDataModule(data_dir=str(tiny_data), require_official=False, val_size=100, batch_size=32)

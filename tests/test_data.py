@@ -198,10 +198,23 @@ def test_val_size_must_leave_training_images(tiny_data: Path) -> None:
 def _epoch_indices(world_size: int, epoch: int, seed: int = 0, n: int = 103) -> list[torch.Tensor]:
     labels = torch.arange(n)  # labels double as image indices
     return [
-        torch.cat([y for _, y in ShardedBatches(torch.zeros(n, 28, 28, dtype=torch.uint8), labels, 8, shuffle=True,
-                                                  seed=seed, epoch=lambda: epoch, rank=r, world_size=world_size)])
+        torch.cat(
+            [
+                y
+                for _, y in ShardedBatches(
+                    torch.zeros(n, 28, 28, dtype=torch.uint8),
+                    labels,
+                    8,
+                    shuffle=True,
+                    seed=seed,
+                    epoch=lambda: epoch,
+                    rank=r,
+                    world_size=world_size,
+                )
+            ]
+        )
         for r in range(world_size)
-    ]  # fmt: skip
+    ]
 
 
 def test_training_batches_are_a_seeded_permutation_shared_out_between_ranks() -> None:
@@ -219,11 +232,24 @@ def test_training_batches_are_a_seeded_permutation_shared_out_between_ranks() ->
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_evaluation_batches_count_every_image_exactly_once(world_size: int) -> None:
     labels = torch.arange(N_TEST)
-    seen = torch.cat([
-        torch.cat([y for _, y in ShardedBatches(torch.zeros(N_TEST, 28, 28, dtype=torch.uint8), labels, 10,
-                                                  shuffle=False, rank=r, world_size=world_size)])
-        for r in range(world_size)
-    ])  # fmt: skip
+    seen = torch.cat(
+        [
+            torch.cat(
+                [
+                    y
+                    for _, y in ShardedBatches(
+                        torch.zeros(N_TEST, 28, 28, dtype=torch.uint8),
+                        labels,
+                        10,
+                        shuffle=False,
+                        rank=r,
+                        world_size=world_size,
+                    )
+                ]
+            )
+            for r in range(world_size)
+        ]
+    )
     assert torch.equal(seen, labels)  # in order, none twice, none missing
     for rank in range(world_size):  # __len__ is what Lightning plans epochs and progress with: it must be exact
         shard = ShardedBatches(labels, labels, 10, False, rank=rank, world_size=world_size)

@@ -20,16 +20,27 @@ def cli(*args: str) -> None:
 
 
 def test_ddp_fit_and_exact_test_counts_on_1_2_3_processes(tiny_data: Path, tmp_path: Path) -> None:
-    cli("fit", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit"),
-        "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_epochs=2", "--model.network=cnn")  # fmt: skip
+    cli(
+        "fit",
+        *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit"),
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_epochs=2",
+        "--model.network=cnn",
+    )
     checkpoint = tmp_path / "runs" / "fit" / "checkpoints" / "best.ckpt"
     assert checkpoint.is_file()
     accuracies = []
     for devices in (1, 2, 3):
         version = f"test{devices}"
         strategy = "auto" if devices == 1 else "ddp"
-        cli("test", *tiny_args(tiny_data, tmp_path, f"--trainer.logger.init_args.version={version}"),
-            f"--trainer.devices={devices}", f"--trainer.strategy={strategy}", f"--ckpt_path={checkpoint}")  # fmt: skip
+        cli(
+            "test",
+            *tiny_args(tiny_data, tmp_path, f"--trainer.logger.init_args.version={version}"),
+            f"--trainer.devices={devices}",
+            f"--trainer.strategy={strategy}",
+            f"--ckpt_path={checkpoint}",
+        )
         result = json.loads((tmp_path / "runs" / version / "test_metrics.json").read_text())
         assert result["devices"] == devices
         assert result["images"] == N_TEST  # a DistributedSampler would have padded 101 to 102

@@ -34,8 +34,14 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data = write_idx_dir(root / "fmnist")
     runs = {}
     for network in NETWORKS:
-        main(["fit", f"--config={profile_config('fast', network)}", "--trainer.max_epochs=2",
-              *tiny_args(data, root, f"--trainer.logger.init_args.version={network}")])  # fmt: skip
+        main(
+            [
+                "fit",
+                f"--config={profile_config('fast', network)}",
+                "--trainer.max_epochs=2",
+                *tiny_args(data, root, f"--trainer.logger.init_args.version={network}"),
+            ]
+        )
         runs[network] = root / "runs" / network
     return runs
 
@@ -45,8 +51,15 @@ def data_of(run: Path) -> Path:
 
 
 def export(run: Path, *extra: str) -> Path:
-    main(["export", f"--ckpt_path={run / layout.BEST_CHECKPOINT}", f"--data.data_dir={data_of(run)}",
-          "--data.require_official=false", *extra])  # fmt: skip
+    main(
+        [
+            "export",
+            f"--ckpt_path={run / layout.BEST_CHECKPOINT}",
+            f"--data.data_dir={data_of(run)}",
+            "--data.require_official=false",
+            *extra,
+        ]
+    )
     return run / layout.EXPORT_DIR
 
 
@@ -72,8 +85,14 @@ def test_export_matches_pytorch_and_its_card_code_gives_predicts_answers(
     assert low <= model["test_accuracy"] <= high and low < high
 
     # What `test` scores (fp32, as the export) is what the export says it scores.
-    main(["test", f"--ckpt_path={run / layout.BEST_CHECKPOINT}", "--trainer.precision=32-true",
-          *tiny_args(data_of(run), tmp_path, "--trainer.logger.init_args.version=test")])  # fmt: skip
+    main(
+        [
+            "test",
+            f"--ckpt_path={run / layout.BEST_CHECKPOINT}",
+            "--trainer.precision=32-true",
+            *tiny_args(data_of(run), tmp_path, "--trainer.logger.init_args.version=test"),
+        ]
+    )
     tested = json.loads((tmp_path / "runs" / "test" / layout.TEST_METRICS).read_text())
     assert model["test_accuracy"] == pytest.approx(tested["accuracy"])
 
@@ -91,8 +110,14 @@ def test_export_matches_pytorch_and_its_card_code_gives_predicts_answers(
         [sys.executable, "-c", user_code], cwd=exported, capture_output=True, text=True, check=True
     )
     onnx_classes = [int(c) for c in re.findall(r"\d+", printed.stdout)]
-    main(["predict", f"--ckpt_path={run / layout.BEST_CHECKPOINT}", "--trainer.precision=32-true",
-          *tiny_args(data_of(run), tmp_path, "--trainer.logger.init_args.version=predict")])  # fmt: skip
+    main(
+        [
+            "predict",
+            f"--ckpt_path={run / layout.BEST_CHECKPOINT}",
+            "--trainer.precision=32-true",
+            *tiny_args(data_of(run), tmp_path, "--trainer.logger.init_args.version=predict"),
+        ]
+    )
     predicted = pd.read_csv(tmp_path / "runs" / "predict" / layout.PREDICTIONS)["predicted"].tolist()
     assert onnx_classes == predicted
 

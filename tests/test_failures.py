@@ -39,8 +39,9 @@ def cli_error(capsys: pytest.CaptureFixture, *args: str) -> list[str]:
 def fake_checkpoint(path: Path, network: str, weights_of: str | None = None) -> Path:
     """A checkpoint as `fmnist-pl fit` writes it, as far as the checks read it: hyper-parameters and weights."""
     weights = NETWORKS[weights_of or network]().state_dict()
-    torch.save({"hyper_parameters": {"network": network},
-                "state_dict": {f"network.{k}": v for k, v in weights.items()}}, path)  # fmt: skip
+    torch.save(
+        {"hyper_parameters": {"network": network}, "state_dict": {f"network.{k}": v for k, v in weights.items()}}, path
+    )
     return path
 
 
@@ -84,7 +85,7 @@ def test_fit_with_no_epochs_or_an_endless_schedule_is_refused(
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_a_gpu_this_machine_lacks_is_refused_by_the_cli_and_the_pipeline(
     tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:  # noqa: ANN001
+) -> None:
     err = cli_error(capsys, "fit", *tiny_args(tiny_data, tmp_path), "--trainer.accelerator=gpu")
     assert err[-1].startswith("fmnist-pl: error: ") and "gpu" in err[-1].lower() and len(err) <= 2
     with pytest.raises(SystemExit) as exit_:
@@ -125,13 +126,25 @@ def test_resume_with_another_epoch_count_is_refused_before_training_and_predict_
     tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     config = f"--config={profile_config('fast', 'cnn')}"  # one-cycle schedule
-    main(["fit", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=one"),
-          "--trainer.max_epochs=1"])  # fmt: skip
+    main(
+        [
+            "fit",
+            config,
+            *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=one"),
+            "--trainer.max_epochs=1",
+        ]
+    )
     last = tmp_path / "runs" / "one" / "checkpoints" / "last.ckpt"
     history = (tmp_path / "runs" / "one" / "history.csv").read_text()
     capsys.readouterr()
-    err = cli_error(capsys, "fit", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=one"),
-                    "--trainer.max_epochs=2", f"--ckpt_path={last}")  # fmt: skip
+    err = cli_error(
+        capsys,
+        "fit",
+        config,
+        *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=one"),
+        "--trainer.max_epochs=2",
+        f"--ckpt_path={last}",
+    )
     assert (
         len(err) <= 2 and "one_cycle schedule planned for 1 epoch(s); resume it with --trainer.max_epochs 1" in err[-1]
     )
@@ -143,8 +156,15 @@ def test_resume_with_another_epoch_count_is_refused_before_training_and_predict_
     images.mkdir()
     for name in ("b_shoe.png", "a_shirt.png"):
         Image.new("L", (28, 28), 128).save(images / name)
-    main(["predict", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=mine"),
-          f"--ckpt_path={last}", f"--data.predict_path={images}"])  # fmt: skip
+    main(
+        [
+            "predict",
+            config,
+            *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=mine"),
+            f"--ckpt_path={last}",
+            f"--data.predict_path={images}",
+        ]
+    )
     written = tmp_path / "runs" / "mine" / "predictions.csv"
     predictions = pd.read_csv(written)
     assert predictions["file"].tolist() == ["a_shirt.png", "b_shoe.png"]  # each row says which image it is
@@ -181,8 +201,11 @@ def test_a_damaged_last_checkpoint_is_set_aside(tmp_path: Path) -> None:
 def test_runs_whose_process_is_gone_are_marked_killed(tmp_path: Path) -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    for name, pid, status in (("dead", gone.pid, "running"), ("alive", os.getpid(), "running"),
-                              ("done", gone.pid, "completed")):  # fmt: skip
+    for name, pid, status in (
+        ("dead", gone.pid, "running"),
+        ("alive", os.getpid(), "running"),
+        ("done", gone.pid, "completed"),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "run.json").write_text(
             json.dumps({"status": status, "pid": pid, "host": socket.gethostname()})
@@ -224,10 +247,15 @@ def test_a_step_folder_has_one_owner_at_a_time_and_a_dead_owner_frees_it(tmp_pat
     assert order == ["first done", "second"]  # the second owner waited for the first
 
     holder = subprocess.Popen(  # another process takes the lock and is killed while holding it
-        [sys.executable, "-c", f"import fcntl, time; f = open({str(work / '.lock')!r}, 'a'); "
-         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl, time; f = open({str(work / '.lock')!r}, 'a'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     holder.kill()
     holder.wait()
@@ -241,12 +269,19 @@ def test_a_step_folder_has_one_owner_at_a_time_and_a_dead_owner_frees_it(tmp_pat
 
 
 def tiny_settings(data: Path, out: Path, **overrides) -> PipelineSettings:
-    base = {"data_dir": str(data), "require_official": False, "val_size": 100, "epochs": 1, "accelerator": "cpu",
-            "output_dir": str(out), "models": ["dense"]}  # fmt: skip
+    base = {
+        "data_dir": str(data),
+        "require_official": False,
+        "val_size": 100,
+        "epochs": 1,
+        "accelerator": "cpu",
+        "output_dir": str(out),
+        "models": ["dense"],
+    }
     return PipelineSettings(**{**base, **overrides})
 
 
-def test_damaged_data_files_stop_the_pipeline_before_it_starts(tiny_data: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+def test_damaged_data_files_stop_the_pipeline_before_it_starts(tiny_data: Path, capsys: pytest.CaptureFixture) -> None:
     (tiny_data / "t10k-labels-idx1-ubyte.gz").write_bytes(os.urandom(300))
     with pytest.raises(SystemExit) as exit_:
         command.parse_args(["--data-dir", str(tiny_data)])
@@ -321,11 +356,27 @@ def test_a_damaged_last_checkpoint_in_a_step_folder_is_set_aside_and_training_re
 def test_two_identical_runs_into_one_output_folder_train_each_step_once(
     prefect_api: str, tiny_data: Path, tmp_path: Path
 ) -> None:
-    args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size", "100",
-            "--accelerator", "cpu", "--output-dir", str(tmp_path), "--models", "dense", "--epochs", "3"]  # fmt: skip
+    args = [
+        sys.executable,
+        str(FLOW_FILE),
+        "--data-dir",
+        str(tiny_data),
+        "--no-require-official",
+        "--val-size",
+        "100",
+        "--accelerator",
+        "cpu",
+        "--output-dir",
+        str(tmp_path),
+        "--models",
+        "dense",
+        "--epochs",
+        "3",
+    ]
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    runs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for _ in range(2)]  # fmt: skip
+    runs = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=300)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
     (step,) = (tmp_path / "steps").glob("train-dense-seed0-*")
@@ -346,10 +397,26 @@ def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
     pipeline, tiny_data: Path, tmp_path: Path, how: str
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # its own temporary server
-    args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size", "100",
-            "--accelerator", "cpu", "--output-dir", str(tmp_path), "--models", "dense", "--epochs", "40"]  # fmt: skip
-    flow = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+    args = [
+        sys.executable,
+        str(FLOW_FILE),
+        "--data-dir",
+        str(tiny_data),
+        "--no-require-official",
+        "--val-size",
+        "100",
+        "--accelerator",
+        "cpu",
+        "--output-dir",
+        str(tmp_path),
+        "--models",
+        "dense",
+        "--epochs",
+        "40",
+    ]
+    flow = subprocess.Popen(
+        args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 180
         while not list(tmp_path.glob("steps/train-dense-*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
@@ -391,8 +458,23 @@ def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
 @pytest.mark.integration
 def test_a_flow_killed_outright_leaves_no_prefect_server_behind(tiny_data: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # its own temporary server
-    args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size", "100",
-            "--accelerator", "cpu", "--output-dir", str(tmp_path), "--models", "dense", "--epochs", "40"]  # fmt: skip
+    args = [
+        sys.executable,
+        str(FLOW_FILE),
+        "--data-dir",
+        str(tiny_data),
+        "--no-require-official",
+        "--val-size",
+        "100",
+        "--accelerator",
+        "cpu",
+        "--output-dir",
+        str(tmp_path),
+        "--models",
+        "dense",
+        "--epochs",
+        "40",
+    ]
     flow = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first = flow.stdout.readline()
@@ -400,8 +482,12 @@ def test_a_flow_killed_outright_leaves_no_prefect_server_behind(tiny_data: Path,
             assert first, "the flow ended before it started its server"
             first = flow.stdout.readline()
         port = first.split("127.0.0.1:")[1].split("/")[0]
-        server = [int(pid) for pid in os.listdir("/proc") if pid.isdigit()
-                  and f"--port\0{port}\0" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]  # fmt: skip
+        server = [
+            int(pid)
+            for pid in os.listdir("/proc")
+            if pid.isdigit()
+            and f"--port\0{port}\0" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        ]
         assert len(server) == 1
         flow.kill()  # SIGKILL: nothing in the flow can react
         flow.wait(timeout=10)
@@ -420,14 +506,36 @@ def test_a_lost_prefect_server_ends_the_run_in_one_line_within_seconds(tiny_data
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")},
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(tmp_path / "prefect-home")}  # fmt: skip
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--no-ui", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)  # fmt: skip
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")},
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--no-ui", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     out = tmp_path / "out"
-    args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size", "100",
-            "--accelerator", "cpu", "--output-dir", str(out), "--models", "dense", "--epochs", "200"]  # fmt: skip
+    args = [
+        sys.executable,
+        str(FLOW_FILE),
+        "--data-dir",
+        str(tiny_data),
+        "--no-require-official",
+        "--val-size",
+        "100",
+        "--accelerator",
+        "cpu",
+        "--output-dir",
+        str(out),
+        "--models",
+        "dense",
+        "--epochs",
+        "200",
+    ]
     flow = None
     try:
         deadline = time.monotonic() + 120
@@ -436,8 +544,13 @@ def test_a_lost_prefect_server_ends_the_run_in_one_line_within_seconds(tiny_data
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             time.sleep(0.5)
-        flow = subprocess.Popen(args, env={**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        flow = subprocess.Popen(
+            args,
+            env={**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         deadline = time.monotonic() + 180
         while not list(out.glob("steps/train-dense-*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -470,11 +583,16 @@ def test_a_lost_prefect_server_ends_the_run_in_one_line_within_seconds(tiny_data
 # ---- training that diverges stops, in one line, before its epoch is checkpointed ---------------------------------
 
 
-@pytest.mark.parametrize(("train_loss", "val_loss", "val_accuracy", "stops"), [
-    (float("nan"), 2.3, 0.09, True), (0.5, float("inf"), 0.8, True),  # not finite
-    (1412.0, 900.0, 0.10, True),  # exploded: far above a uniform guess's 2.30, at chance
-    (30.0, 2.0, 0.60, False), (2.2, 2.2, 0.12, False),  # high but learning; slow but not exploding
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("train_loss", "val_loss", "val_accuracy", "stops"),
+    [
+        (float("nan"), 2.3, 0.09, True),
+        (0.5, float("inf"), 0.8, True),  # not finite
+        (1412.0, 900.0, 0.10, True),  # exploded: far above a uniform guess's 2.30, at chance
+        (30.0, 2.0, 0.60, False),
+        (2.2, 2.2, 0.12, False),  # high but learning; slow but not exploding
+    ],
+)
 def test_divergence_rule(train_loss: float, val_loss: float, val_accuracy: float, stops: bool) -> None:
     from fmnist_pl.errors import TrainingDiverged
     from fmnist_pl.module import FashionMNISTClassifier
@@ -492,11 +610,24 @@ def test_divergence_rule(train_loss: float, val_loss: float, val_accuracy: float
 @pytest.mark.integration
 def test_a_diverged_fit_exits_2_in_one_line_without_a_best_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "fmnist_pl", "fit", f"--config={profile_config('fast', 'dense')}",
-         *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit", "--trainer.max_epochs=2",
-                    "--model.learning_rate=1000")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fmnist_pl",
+            "fit",
+            f"--config={profile_config('fast', 'dense')}",
+            *tiny_args(
+                tiny_data,
+                tmp_path,
+                "--trainer.logger.init_args.version=fit",
+                "--trainer.max_epochs=2",
+                "--model.learning_rate=1000",
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert errors == [errors[0]] and "training diverged in epoch 1" in errors[0] and "Traceback" not in result.stderr
@@ -517,8 +648,18 @@ def test_fit_into_a_folder_with_an_old_best_checkpoint_replaces_it(tiny_data: Pa
     old = tmp_path / "runs" / "fit" / "checkpoints" / "best.ckpt"
     old.parent.mkdir(parents=True)
     old.write_text("an earlier attempt's")
-    main(["fit", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit", "--trainer.max_epochs=1",
-                            "--model.network=cnn")])  # fmt: skip
+    main(
+        [
+            "fit",
+            *tiny_args(
+                tiny_data,
+                tmp_path,
+                "--trainer.logger.init_args.version=fit",
+                "--trainer.max_epochs=1",
+                "--model.network=cnn",
+            ),
+        ]
+    )
     assert sorted(p.name for p in old.parent.iterdir()) == ["best.ckpt", "last.ckpt"]  # no best-v1.ckpt beside it
     assert torch.load(old, weights_only=True)["hyper_parameters"]["network"] == "cnn"
 
@@ -574,8 +715,9 @@ def test_a_config_that_is_not_utf8_text_stops_in_one_line(tmp_path: Path, capsys
     config = tmp_path / "latin1.yaml"
     config.write_bytes("model:\n  network: cnn  # caf\xe9\n".encode("latin-1"))
     err = cli_error(capsys, "fit", f"--config={config}")
-    assert err == [f"fmnist-pl: error: config {config} is not UTF-8 text (invalid continuation byte at byte 28); "
-                   "pass a YAML file"]  # fmt: skip
+    assert err == [
+        f"fmnist-pl: error: config {config} is not UTF-8 text (invalid continuation byte at byte 28); pass a YAML file"
+    ]
 
 
 @pytest.mark.parametrize("record", ['{"status": "completed", "ste', "[1, 2]", '{"status": "completed"}'])
@@ -609,7 +751,7 @@ def test_a_read_only_output_folder_is_refused_in_one_line(
 def test_a_full_disk_fails_the_pipeline_in_one_line_without_retries(
     pipeline,
     tiny_data: Path,
-    mount,  # noqa: ANN001
+    mount,
 ) -> None:
     full = mount("full", "size=2m")  # room for the run folder and logs, not for the dense net's 27 MB checkpoint
     started = time.perf_counter()
@@ -629,12 +771,15 @@ def test_data_the_pipeline_can_check_is_refused_before_prefect_starts_in_its_own
     tiny_data: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture,
-    case: str,  # noqa: ANN001
+    case: str,
 ) -> None:
     argv = ["--data-dir", str(tiny_data), "--no-require-official", "--output-dir", str(tmp_path / "out")]
-    expected = {"val-size": "--val-size 640 leaves no training images", "no folder": "--data-dir /nonexistent does not exist",
-                "half a file": "header says 640 images but the file holds",
-                "half a .gz file": "header says 640 images but the file holds"}[case]  # fmt: skip
+    expected = {
+        "val-size": "--val-size 640 leaves no training images",
+        "no folder": "--data-dir /nonexistent does not exist",
+        "half a file": "header says 640 images but the file holds",
+        "half a .gz file": "header says 640 images but the file holds",
+    }[case]
     images = tiny_data / "train-images-idx3-ubyte.gz"
     if case == "val-size":
         argv += ["--val-size", "640"]

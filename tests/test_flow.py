@@ -22,14 +22,32 @@ pytestmark = pytest.mark.integration  # real fits, a Prefect server, subprocesse
 
 
 def tiny_flow_args(data: Path, out: Path, **overrides) -> PipelineSettings:
-    settings = {"data_dir": str(data), "require_official": False, "val_size": 100, "epochs": 2, "accelerator": "cpu",
-                "output_dir": str(out)}  # fmt: skip
+    settings = {
+        "data_dir": str(data),
+        "require_official": False,
+        "val_size": 100,
+        "epochs": 2,
+        "accelerator": "cpu",
+        "output_dir": str(out),
+    }
     return PipelineSettings(**{**settings, **overrides})
 
 
 def cli_flow_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(FLOW_FILE), "--data-dir", str(data), "--no-require-official", "--val-size", "100",
-            "--accelerator", "cpu", "--output-dir", str(out), *extra]  # fmt: skip
+    return [
+        sys.executable,
+        str(FLOW_FILE),
+        "--data-dir",
+        str(data),
+        "--no-require-official",
+        "--val-size",
+        "100",
+        "--accelerator",
+        "cpu",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_whole_flow_trains_every_network_per_seed_writes_the_report_and_artifacts_then_reuses_every_step(
@@ -124,8 +142,13 @@ def test_killed_training_resumes_from_its_last_checkpoint(
 ) -> None:
     epochs = 30
     args = cli_flow_args(tiny_data, tmp_path, "--models", "dense", "--epochs", str(epochs))
-    process = subprocess.Popen(args, env={**os.environ, "PREFECT_API_URL": prefect_api}, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        args,
+        env={**os.environ, "PREFECT_API_URL": prefect_api},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     history = None
     while time.monotonic() < deadline and process.poll() is None:
@@ -198,8 +221,13 @@ def test_serve_registers_a_scheduled_deployment_that_runs(prefect_api: str, tiny
 
     args = cli_flow_args(tiny_data, tmp_path, "--models", "cnn", "--epochs", "1")
     args[2:2] = ["serve", "--cron", "0 3 * * *", "--name", "served"]
-    server = subprocess.Popen(args, env={**os.environ, "PREFECT_API_URL": prefect_api}, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    server = subprocess.Popen(
+        args,
+        env={**os.environ, "PREFECT_API_URL": prefect_api},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with get_client(sync_client=True) as client:
             deadline, deployment = time.monotonic() + 120, None

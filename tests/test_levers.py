@@ -60,9 +60,17 @@ def test_bias_lr_scale_multiplies_the_rate_of_biases_and_batchnorm_only() -> Non
 
 def test_alternating_flips_mirror_each_image_the_other_way_every_epoch() -> None:
     epoch = [0]
-    batches = ShardedBatches(torch.zeros(400, 28, 28, dtype=torch.uint8), torch.zeros(400, dtype=torch.int64), 100,
-                             shuffle=True, augment=True, max_shift=0, alternating_flips=True, seed=3,
-                             epoch=lambda: epoch[0])  # fmt: skip
+    batches = ShardedBatches(
+        torch.zeros(400, 28, 28, dtype=torch.uint8),
+        torch.zeros(400, dtype=torch.int64),
+        100,
+        shuffle=True,
+        augment=True,
+        max_shift=0,
+        alternating_flips=True,
+        seed=3,
+        epoch=lambda: epoch[0],
+    )
     plans = []
     for e in range(3):
         epoch[0] = e
@@ -88,10 +96,21 @@ def test_network_options_that_do_not_fit_stop_in_one_line() -> None:
 
 @pytest.mark.integration
 def test_ema_weights_are_the_ones_validated_checkpointed_and_tested(tiny_data: Path, tmp_path: Path) -> None:
-    options = ["--model.network=bn_cnn", "--model.optimizer=adamw", "--model.learning_rate=0.01",
-               "--model.ema_decay=0.9", "--model.network_options={widths: [8, 8, 8], whitening: true}"]  # fmt: skip
-    main(["fit", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit", "--trainer.max_epochs=2",
-                            *options)])  # fmt: skip
+    options = [
+        "--model.network=bn_cnn",
+        "--model.optimizer=adamw",
+        "--model.learning_rate=0.01",
+        "--model.ema_decay=0.9",
+        "--model.network_options={widths: [8, 8, 8], whitening: true}",
+    ]
+    main(
+        [
+            "fit",
+            *tiny_args(
+                tiny_data, tmp_path, "--trainer.logger.init_args.version=fit", "--trainer.max_epochs=2", *options
+            ),
+        ]
+    )
     run = tmp_path / "runs" / "fit"
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     averaged, current = checkpoint["state_dict"], checkpoint["current_model_state"]
@@ -122,29 +141,64 @@ def test_ema_weights_are_the_ones_validated_checkpointed_and_tested(tiny_data: P
 
 @pytest.mark.integration
 def test_flip_tta_typed_on_the_command_line_wins_over_the_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
-    main(["fit", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit", "--trainer.max_epochs=1",
-                            "--model.network=cnn", "--model.test_time_flip=true")])  # fmt: skip
+    main(
+        [
+            "fit",
+            *tiny_args(
+                tiny_data,
+                tmp_path,
+                "--trainer.logger.init_args.version=fit",
+                "--trainer.max_epochs=1",
+                "--model.network=cnn",
+                "--model.test_time_flip=true",
+            ),
+        ]
+    )
     best = tmp_path / "runs" / "fit" / "checkpoints" / "best.ckpt"
     for flip in ("true", "false"):
-        main(["test", *tiny_args(tiny_data, tmp_path, f"--trainer.logger.init_args.version=test-{flip}"),
-              f"--ckpt_path={best}", f"--model.test_time_flip={flip}"])  # fmt: skip
+        main(
+            [
+                "test",
+                *tiny_args(tiny_data, tmp_path, f"--trainer.logger.init_args.version=test-{flip}"),
+                f"--ckpt_path={best}",
+                f"--model.test_time_flip={flip}",
+            ]
+        )
         metrics = pd.read_json(tmp_path / "runs" / f"test-{flip}" / "test_metrics.json", typ="series")
         assert metrics["test_time_flip"] == (flip == "true")
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("native", "typed", "expected"), [(False, False, "32-true"), (True, False, "bf16-mixed"),
-                                                           (False, True, "bf16-mixed")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("native", "typed", "expected"),
+    [(False, False, "32-true"), (True, False, "bf16-mixed"), (False, True, "bf16-mixed")],
+)
 def test_a_config_files_bf16_gives_way_to_fp32_on_a_cpu_that_emulates_it(
-    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
-    native: bool, typed: bool, expected: str,
-) -> None:  # fmt: skip
+    tiny_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    native: bool,
+    typed: bool,
+    expected: str,
+) -> None:
     monkeypatch.setattr(cli, "cpu_has_fast_bf16", lambda: native)
     config = tmp_path / "bf16.yaml"
     config.write_text("model:\n  network: cnn\ntrainer:\n  precision: bf16-mixed\n  max_epochs: 1\n")
-    main(["fit", f"--config={config}", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit",
-                                                  "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"),
-          *(["--trainer.precision=bf16-mixed"] if typed else [])])  # fmt: skip
+    main(
+        [
+            "fit",
+            f"--config={config}",
+            *tiny_args(
+                tiny_data,
+                tmp_path,
+                "--trainer.logger.init_args.version=fit",
+                "--trainer.limit_train_batches=2",
+                "--trainer.limit_val_batches=1",
+            ),
+            *(["--trainer.precision=bf16-mixed"] if typed else []),
+        ]
+    )
     config_used = (tmp_path / "runs" / "fit" / "config.yaml").read_text()
     assert f"precision: {expected}" in config_used
     assert ("no native bfloat16" in capsys.readouterr().err) == (expected == "32-true")

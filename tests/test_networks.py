@@ -120,8 +120,15 @@ def test_registry_names_every_network_once_and_each_builds() -> None:
 def test_batchnorm_cnn_layers_and_channels_last() -> None:
     net = BatchNormCNN()
     convs = [(m.in_channels, m.out_channels, m.kernel_size, m.bias) for m in net.modules() if isinstance(m, nn.Conv2d)]
-    assert [(c_in, c_out) for c_in, c_out, *_ in convs] == [(1, 24), (24, 24), (24, 24), (24, 48), (48, 48),
-                                                             (48, 96), (96, 96)]  # fmt: skip
+    assert [(c_in, c_out) for c_in, c_out, *_ in convs] == [
+        (1, 24),
+        (24, 24),
+        (24, 24),
+        (24, 48),
+        (48, 48),
+        (48, 96),
+        (96, 96),
+    ]
     assert all(kernel == (3, 3) and bias is None for _, _, kernel, bias in convs)  # BatchNorm's shift is the bias
     assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 7
     # Each stage pools straight after its first convolution, before BatchNorm: 28 -> 14 -> 7 -> 3 pixels.

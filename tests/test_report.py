@@ -37,16 +37,27 @@ def finished_run(pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("report")
     data = write_idx_dir(root / "data")
-    settings = PipelineSettings(data_dir=str(data), require_official=False, val_size=100, epochs=2,
-                                accelerator="cpu", output_dir=str(root / "outputs"))  # fmt: skip
+    settings = PipelineSettings(
+        data_dir=str(data),
+        require_official=False,
+        val_size=100,
+        epochs=2,
+        accelerator="cpu",
+        output_dir=str(root / "outputs"),
+    )
     return Path(pipeline.full_pipeline(settings))
 
 
 @pytest.mark.integration
 def test_report_has_every_section_and_image(finished_run: Path) -> None:
     report = (finished_run / "report.md").read_text()
-    for heading in ("## Comparison", *(f"## {n}" for n in NETWORKS), "## The study's test confusion matrices",
-                    "## Training images", "## Provenance"):  # fmt: skip
+    for heading in (
+        "## Comparison",
+        *(f"## {n}" for n in NETWORKS),
+        "## The study's test confusion matrices",
+        "## Training images",
+        "## Provenance",
+    ):
         assert heading in report
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert sorted(images) == sorted(figure_files(list(NETWORKS)))
@@ -143,8 +154,10 @@ def test_report_from_files_alone_covers_every_network_and_seed(tmp_path: Path) -
     report = (run / "report.md").read_text()
     assert [line for line in report.splitlines() if line.startswith("## ")][1:4] == ["## dense", "## cnn", "## bn_cnn"]
     for network in ("dense", "cnn", "bn_cnn"):
-        accuracies = [json.loads((run / network / f"seed-{seed}" / "evaluate" / "test_metrics.json")
-                                 .read_text())["accuracy"] for seed in (0, 1, 2)]  # fmt: skip
+        accuracies = [
+            json.loads((run / network / f"seed-{seed}" / "evaluate" / "test_metrics.json").read_text())["accuracy"]
+            for seed in (0, 1, 2)
+        ]
         result = summary["networks"][network]
         assert [result["seeds"][str(s)]["test_accuracy"] for s in (0, 1, 2)] == accuracies  # read, not recomputed
         assert result["test_accuracy"]["mean"] == pytest.approx(np.mean(accuracies))
@@ -152,7 +165,10 @@ def test_report_from_files_alone_covers_every_network_and_seed(tmp_path: Path) -
         assert (result["test_accuracy"]["min"], result["test_accuracy"]["max"]) == (min(accuracies), max(accuracies))
         assert f"{np.mean(accuracies):.2%} ± {np.std(accuracies, ddof=1) * 100:.2f}" in report
     assert {(c["first"], c["second"]) for c in summary["comparisons"]} == {
-        ("dense", "cnn"), ("dense", "bn_cnn"), ("cnn", "bn_cnn")}  # fmt: skip
+        ("dense", "cnn"),
+        ("dense", "bn_cnn"),
+        ("cnn", "bn_cnn"),
+    }
     assert all(len(c["mcnemar"]) == 3 for c in summary["comparisons"]) and "McNemar per seed" in report
     assert "with flip test-time augmentation" in report.split("## bn_cnn")[1].split("##")[0]
     assert "with flip test-time augmentation" not in report.split("## cnn")[1].split("##")[0]

@@ -56,7 +56,7 @@ def torchrun_nodes(args: list[str], nodes: int = 2, per_node: int = 1) -> list[s
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
-        )  # fmt: skip
+        )
         for rank in range(nodes)
     ]
 
@@ -70,8 +70,12 @@ def finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[str]
 def test_two_node_ddp_with_torchrun_trains_on_every_rank_counts_each_test_image_once_and_resumes(
     tiny_data: Path, tmp_path: Path
 ) -> None:
-    fit = ["fit", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit"), "--trainer.max_epochs=2",
-           "--model.network=cnn"]  # fmt: skip
+    fit = [
+        "fit",
+        *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit"),
+        "--trainer.max_epochs=2",
+        "--model.network=cnn",
+    ]
     node0, node1 = finish(torchrun_nodes(fit))
     assert "Starting with 2 processes" in node0 and "GLOBAL_RANK: 1, MEMBER: 2/2" in node1  # every rank trained
     assert "epoch 2/2" in node0 and "epoch" not in node1  # progress and files from rank 0 alone
@@ -80,8 +84,11 @@ def test_two_node_ddp_with_torchrun_trains_on_every_rank_counts_each_test_image_
     assert not [p for p in run.rglob("*") if "rank" in p.name]
 
     best = f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}"
-    finish(torchrun_nodes(["test", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=test4"),
-                           best], per_node=2))  # fmt: skip  # 4 ranks over 101 images
+    finish(
+        torchrun_nodes(
+            ["test", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=test4"), best], per_node=2
+        )
+    )  # 4 ranks over 101 images
     four = json.loads((tmp_path / "runs" / "test4" / "test_metrics.json").read_text())
     matrix = pd.read_csv(tmp_path / "runs" / "test4" / "confusion_matrix_test.csv", index_col=0).to_numpy()
     assert four["devices"] == 4 and four["images"] == matrix.sum() == N_TEST  # each test image exactly once
@@ -92,8 +99,12 @@ def test_two_node_ddp_with_torchrun_trains_on_every_rank_counts_each_test_image_
     assert four["accuracy"] == one["accuracy"]  # the same answer as one process
 
     # A multi-node fit killed mid-run resumes from its last checkpoint, every epoch kept once.
-    longer = ["fit", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=long"),
-              "--trainer.max_epochs=12", "--model.network=cnn"]  # fmt: skip
+    longer = [
+        "fit",
+        *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=long"),
+        "--trainer.max_epochs=12",
+        "--model.network=cnn",
+    ]
     nodes = torchrun_nodes(longer)
     last = tmp_path / "runs" / "long" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 180
@@ -114,12 +125,20 @@ def test_two_node_ddp_with_torchrun_trains_on_every_rank_counts_each_test_image_
 
 def test_the_flow_trains_on_two_slurm_nodes_through_its_train_launcher(
     pipeline, tiny_data: Path, tmp_path: Path
-) -> None:  # noqa: ANN001
+) -> None:
     settings = PipelineSettings(
-        data_dir=str(tiny_data), require_official=False, val_size=100, epochs=2, accelerator="cpu",
-        output_dir=str(tmp_path), models=["cnn"], num_nodes=2, devices="1", strategy="ddp",
+        data_dir=str(tiny_data),
+        require_official=False,
+        val_size=100,
+        epochs=2,
+        accelerator="cpu",
+        output_dir=str(tmp_path),
+        models=["cnn"],
+        num_nodes=2,
+        devices="1",
+        strategy="ddp",
         train_launcher=f"{sys.executable} {FAKE_SRUN} --nodes 2 --ntasks-per-node 1",
-    )  # fmt: skip
+    )
     run = Path(pipeline.full_pipeline(settings))
     log = (run / "cnn" / "seed-0" / "train" / "train.log").read_text()
     assert f"$ {sys.executable} {FAKE_SRUN} --nodes 2" in log
@@ -136,8 +155,9 @@ def test_the_work_pool_deployment_in_prefect_yaml_runs_on_a_worker_to_a_report(
     pool = f"fmnist-{uuid.uuid4().hex[:8]}"
 
     def prefect(*args: str, timeout: float = 120) -> str:
-        result = subprocess.run(["prefect", "--no-prompt", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=timeout)  # fmt: skip
+        result = subprocess.run(
+            ["prefect", "--no-prompt", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         return result.stdout
 
@@ -150,8 +170,15 @@ def test_the_work_pool_deployment_in_prefect_yaml_runs_on_a_worker_to_a_report(
         deployment = client.read_deployment_by_name("fmnist-full-pipeline/nightly")
         assert deployment.work_pool_name == pool and [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
         assert deployment.parameters == {}  # the flow's defaults, as `serve` registers them
-        settings = {"data_dir": str(tiny_data), "require_official": False, "val_size": 100, "epochs": 1,
-                    "models": ["cnn"], "accelerator": "cpu", "output_dir": str(tmp_path / "out")}  # fmt: skip
+        settings = {
+            "data_dir": str(tiny_data),
+            "require_official": False,
+            "val_size": 100,
+            "epochs": 1,
+            "models": ["cnn"],
+            "accelerator": "cpu",
+            "output_dir": str(tmp_path / "out"),
+        }
         run = client.create_flow_run_from_deployment(deployment.id, parameters={"settings": settings})
         prefect("worker", "start", "--pool", pool, "--run-once", timeout=300)  # picks the run up, runs it, exits
         state = client.read_flow_run(run.id).state

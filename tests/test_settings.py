@@ -30,7 +30,7 @@ def test_every_field_is_a_command_line_option_with_its_default_and_help() -> Non
     assert (parsed.models, parsed.epochs, parsed.require_official) == (["cnn", "bn_cnn"], 3, False)
 
 
-def test_flow_command_line_builds_the_settings(tiny_data: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_flow_command_line_builds_the_settings(tiny_data: Path, tmp_path: Path) -> None:
     out = ["--output-dir", str(tmp_path)]
     args, settings = command.parse_args(["--epochs", "2", "--devices", "2", "--data-dir", str(tiny_data), *out])
     assert args.command == "run"
@@ -51,7 +51,7 @@ def test_settings_become_the_cli_options_of_each_step() -> None:
         "--trainer.num_nodes=1",
         "--data.data_dir=/data",
         "--data.require_official=false",
-    ]  # fmt: skip  (each step adds its own --seed_everything)
+    ]  # each step adds its own --seed_everything
     assert "--trainer.devices=1" in settings.cli_options(devices=1)
     assert not any(o.startswith("--data.data_dir") for o in settings.cli_options(data_dir=None))
 
@@ -75,14 +75,14 @@ def test_default_networks_are_those_the_profile_has_configs_for() -> None:
         {"seeds": []},
         {"seeds": [1, 1]},
         {"devices": "0"},
-    ],  # fmt: skip
+    ],
 )
 def test_bad_settings_are_rejected_before_any_work(bad: dict) -> None:
     with pytest.raises(pydantic.ValidationError):
         PipelineSettings(**bad)
 
 
-def test_a_profile_without_a_config_for_a_network_is_one_clear_error() -> None:  # noqa: ANN001
+def test_a_profile_without_a_config_for_a_network_is_one_clear_error() -> None:
     from fmnist_pl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="profile 'reference' has no config for network 'bn_cnn'"):
@@ -95,9 +95,13 @@ def test_step_keys_change_with_what_decides_the_result_only(tmp_path: Path) -> N
     base = key("bn_cnn", 0, PipelineSettings(), data, 2)
     assert base == key("bn_cnn", 0, PipelineSettings(train_launcher="srun"), data, 2)  # how, not what
     assert base == key("bn_cnn", 0, PipelineSettings(data_dir="/elsewhere"), data, 2)  # the checksums stand in
-    changed = [key("bn_cnn", 1, PipelineSettings(), data, 2), key("bn_cnn", 0, PipelineSettings(epochs=2), data, 2),
-               key("bn_cnn", 0, PipelineSettings(), data, 1), key("cnn", 0, PipelineSettings(), data, 2),
-               key("bn_cnn", 0, PipelineSettings(), {"sha256": {**data["sha256"], "decoded": "c"}}, 2)]  # fmt: skip
+    changed = [
+        key("bn_cnn", 1, PipelineSettings(), data, 2),
+        key("bn_cnn", 0, PipelineSettings(epochs=2), data, 2),
+        key("bn_cnn", 0, PipelineSettings(), data, 1),
+        key("cnn", 0, PipelineSettings(), data, 2),
+        key("bn_cnn", 0, PipelineSettings(), {"sha256": {**data["sha256"], "decoded": "c"}}, 2),
+    ]
     assert len({base, *changed}) == 6  # seed, epochs, threads, network, the decoded data's checksum
     evaluation = step_cache.evaluation_key  # keyed on the checkpoint's bytes, not on where it lies
     for name, content in (("t.ckpt", b"weights"), ("moved.ckpt", b"weights"), ("u.ckpt", b"other weights")):
@@ -139,7 +143,7 @@ def test_importing_the_package_changes_nothing_global() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_cpu_threads_follow_training_cost_and_use_every_core() -> None:  # noqa: ANN001
+def test_cpu_threads_follow_training_cost_and_use_every_core() -> None:
     shares = scheduling.cpu_thread_shares
     costs = {"dense": 1.2e12, "cnn": 0.5e12, "bn_cnn": 11e12}  # estimates for the fast profile
     assert shares(costs, 2) == {"dense": 1, "cnn": 1, "bn_cnn": 2}  # it would otherwise finish alone on one core
@@ -161,14 +165,14 @@ def test_a_networks_threads_depend_on_the_profile_and_the_cores_only() -> None:
 
 def test_the_flow_gives_a_network_the_same_threads_whatever_else_it_trains(
     monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,  # noqa: ANN001
+    tmp_path: Path,
 ) -> None:
     planned: dict[tuple[str, int], set] = {}
 
-    def plan_training(network, seed, settings, data, steps_dir, threads, budget, ticket):  # noqa: ANN001, ANN202
+    def plan_training(network, seed, settings, data, steps_dir, threads, budget, ticket):
         planned.setdefault((network, seed), set()).add((threads, budget))
 
-    def stop(*args):  # noqa: ANN002, ANN202
+    def stop(*args):
         raise RuntimeError("planned")
 
     monkeypatch.setattr(processes, "STOPPING", threading.Event())  # the flow's stop path sets it: keep it to this test
@@ -238,7 +242,7 @@ def test_training_queue_starts_trainings_in_ticket_order_within_its_budget() -> 
 )
 def test_bad_pipeline_options_stop_in_one_line_before_any_work(
     capsys: pytest.CaptureFixture, argv: list[str], message: str
-) -> None:  # noqa: ANN001
+) -> None:
     with pytest.raises(SystemExit) as exit_:
         command.parse_args(argv)
     assert exit_.value.code == 2
@@ -253,9 +257,12 @@ def test_tests_and_the_processes_they_start_never_use_the_users_home(isolated_ho
 
     from conftest import USERS_HOME
 
-    probe = ("from pathlib import Path; from fmnist_pl.fashion_mnist import default_cache_dir; "
-             "from prefect.settings import PREFECT_HOME; print(Path.home(), default_cache_dir(), PREFECT_HOME.value())")  # fmt: skip
-    home, cache, prefect_home = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                                               check=True).stdout.split()  # fmt: skip
+    probe = (
+        "from pathlib import Path; from fmnist_pl.fashion_mnist import default_cache_dir; "
+        "from prefect.settings import PREFECT_HOME; print(Path.home(), default_cache_dir(), PREFECT_HOME.value())"
+    )
+    home, cache, prefect_home = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert Path(home) == isolated_home and Path(prefect_home).is_relative_to(isolated_home)
     assert not any(Path(p).is_relative_to(USERS_HOME) for p in (home, cache, prefect_home))

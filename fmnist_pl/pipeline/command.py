@@ -83,8 +83,10 @@ def check_data(settings: PipelineSettings, needs_network_now: bool = True) -> No
         return
     training_images = check_headers(folder)["train-labels-idx1-ubyte"]
     if settings.val_size and settings.val_size >= training_images:
-        raise ConfigError(f"--val-size {settings.val_size} leaves no training images ({folder} has "
-                          f"{training_images:,}); choose fewer validation images")  # fmt: skip
+        raise ConfigError(
+            f"--val-size {settings.val_size} leaves no training images ({folder} has "
+            f"{training_images:,}); choose fewer validation images"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

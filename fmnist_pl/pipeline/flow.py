@@ -5,6 +5,7 @@
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
 
 from fmnist_pl import layout
 from fmnist_pl.pipeline.processes import begin_run, stop_children
@@ -25,11 +26,12 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
     for dead in mark_dead_runs(output, by=run.path):
         get_run_logger().warning(f"run {dead.name} was killed before it finished: marked as such in its run.json")
     steps_dir = str(output / layout.STEPS_DIR)
-    record = CURRENT["run"] = RunRecord(run, networks=list(configs), seeds=settings.seeds,
-                                        settings=settings.model_dump(), configs=configs)  # fmt: skip
+    record = CURRENT["run"] = RunRecord(
+        run, networks=list(configs), seeds=settings.seeds, settings=settings.model_dump(), configs=configs
+    )
     print(f"fmnist-pl pipeline: run folder {run.path}")
 
-    def finish(step: str, future):  # noqa: ANN001, ANN202
+    def finish(step: str, future: PrefectFuture) -> dict:
         """The step's result, recording in run.json which step failed and why if it did."""
         try:
             result = future.result()
@@ -44,8 +46,10 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
         # Costliest network first within each seed: the longest training starts first and sets the pace.
         networks, budget, threads = cpu_schedule(settings)
         runs = [(network, seed) for seed in settings.seeds for network in networks]
-        trainings = {(n, s): train_model.submit(n, s, settings, data, steps_dir, threads.get(n), budget, ticket)
-                     for ticket, (n, s) in enumerate(runs)}  # fmt: skip
+        trainings = {
+            (n, s): train_model.submit(n, s, settings, data, steps_dir, threads.get(n), budget, ticket)
+            for ticket, (n, s) in enumerate(runs)
+        }
         evaluations = {(n, s): evaluate_model.submit(n, s, trainings[n, s], settings, data, steps_dir) for n, s in runs}
         first = settings.seeds[0]  # each network's first-seed model is exported for use outside PyTorch
         exports = {n: export_model.submit(n, first, trainings[n, first], settings, data, steps_dir) for n in networks}

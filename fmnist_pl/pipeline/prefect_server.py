@@ -64,11 +64,27 @@ def temporary_server(log_file: Path, timeout: float = 120) -> Iterator[str]:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--no-ui", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "ERROR"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--no-ui",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "ERROR",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
             preexec_fn=lambda: _die_with_parent(parent),
-        )  # fmt: skip
+        )
     url = f"http://127.0.0.1:{port}/api"
 
     def stop() -> None:
@@ -112,8 +128,10 @@ def watch_server(api_url: str, on_lost: Callable[[str], None], every: float = 2.
             except httpx.ConnectError as e:
                 refused += 1
                 if refused == 2 and not done.is_set():
-                    on_lost(f"lost the Prefect server at {api_url} ({e}); start it again and rerun the same command: "
-                            "finished steps are reused")  # fmt: skip
+                    on_lost(
+                        f"lost the Prefect server at {api_url} ({e}); start it again and rerun the same command: "
+                        "finished steps are reused"
+                    )
             except httpx.HTTPError:  # slow or busy, not gone
                 refused = 0
 
@@ -152,8 +170,11 @@ def prefect_api(output_dir: str) -> Iterator[None]:
                 yield
             return
         log_file = server_log_file(Path(output_dir))
-        with temporary_server(log_file) as url, \
-                temporary_settings(updates={PREFECT_API_URL: url}), watch_server(url, end_on_lost_server):  # fmt: skip
+        with (
+            temporary_server(log_file) as url,
+            temporary_settings(updates={PREFECT_API_URL: url}),
+            watch_server(url, end_on_lost_server),
+        ):
             print(f"fmnist-pl pipeline: temporary Prefect server on {url} (no PREFECT_API_URL set; log: {log_file})")
             yield
 

@@ -56,8 +56,11 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
 
 def log_into(folder: Path) -> list[str]:
     """CLI options that make a run write into exactly `folder` (CSVLogger's save_dir/name/version)."""
-    return [f"--trainer.logger.init_args.save_dir={folder.parent}", "--trainer.logger.init_args.name=",
-            f"--trainer.logger.init_args.version={folder.name}"]  # fmt: skip
+    return [
+        f"--trainer.logger.init_args.save_dir={folder.parent}",
+        "--trainer.logger.init_args.name=",
+        f"--trainer.logger.init_args.version={folder.name}",
+    ]
 
 
 def run_step_command(

@@ -18,8 +18,15 @@ class RunRecord:
 
     def __init__(self, run: layout.RunFolder, **fields: object) -> None:
         self.file = run.record
-        self.fields = {"run_dir": str(run.path), "status": "running", "pid": os.getpid(),
-                       "host": socket.gethostname(), **fields, "steps": {}, "started": datetime.now().isoformat()}  # fmt: skip
+        self.fields = {
+            "run_dir": str(run.path),
+            "status": "running",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            **fields,
+            "steps": {},
+            "started": datetime.now().isoformat(),
+        }
         self._write()
 
     @property
@@ -107,8 +114,12 @@ def mark_dead_runs(output_dir: Path, by: Path) -> list[Path]:
             record = json.loads(record_file.read_text())
         except (OSError, ValueError):
             continue
-        if (record.get("status") == "running" and record.get("host") == socket.gethostname()
-                and isinstance(record.get("pid"), int) and not process_alive(record["pid"])):  # fmt: skip
+        if (
+            record.get("status") == "running"
+            and record.get("host") == socket.gethostname()
+            and isinstance(record.get("pid"), int)
+            and not process_alive(record["pid"])
+        ):
             record.update(status="killed", ended=f"found without its process (PID {record['pid']}) by {by.name}")
             write_record(record_file, record)
             dead.append(record_file.parent)

@@ -38,27 +38,48 @@ class PipelineSettings(BaseModel):
         None, description="networks to train (default: every network the profile has a config for)"
     )
     profile: ProfileName = Field("fast", description="fast (default) or reference (the study's settings)")
-    epochs: int | None = Field(None, ge=1, description="training epochs (default: the profile's)",
-                               **cli("--trainer.max_epochs"))  # fmt: skip
-    batch_size: int | None = Field(None, ge=1, description="training batch size per device (default: the profile's)",
-                                   **cli("--data.batch_size"))  # fmt: skip
-    val_size: int | None = Field(None, ge=1, description="validation images, the first of the training set "
-                                 "(default 5000)", **cli("--data.val_size"))  # fmt: skip
+    epochs: int | None = Field(
+        None, ge=1, description="training epochs (default: the profile's)", **cli("--trainer.max_epochs")
+    )
+    batch_size: int | None = Field(
+        None, ge=1, description="training batch size per device (default: the profile's)", **cli("--data.batch_size")
+    )
+    val_size: int | None = Field(
+        None,
+        ge=1,
+        description="validation images, the first of the training set (default 5000)",
+        **cli("--data.val_size"),
+    )
     accelerator: str = Field("auto", description="cpu, gpu, mps, auto (default)", **cli("--trainer.accelerator"))
-    devices: str = Field("auto", description="devices per node: a number, or auto (default)",
-                         **cli("--trainer.devices"))  # fmt: skip
-    strategy: str = Field("auto", description="Lightning strategy, e.g. ddp (default: auto)",
-                          **cli("--trainer.strategy"))  # fmt: skip
+    devices: str = Field(
+        "auto", description="devices per node: a number, or auto (default)", **cli("--trainer.devices")
+    )
+    strategy: str = Field(
+        "auto", description="Lightning strategy, e.g. ddp (default: auto)", **cli("--trainer.strategy")
+    )
     num_nodes: int = Field(1, ge=1, description="nodes for multi-node DDP (default 1)", **cli("--trainer.num_nodes"))
-    train_launcher: str | None = Field(None, description="command that starts training once per task, e.g. 'srun' "
-                                       "in a SLURM allocation for --num-nodes > 1")  # fmt: skip
-    seeds: list[int] = Field([0], min_length=1, description="train and evaluate every network once per seed, e.g. "
-                             "0 1 2 (default 0); the report compares networks over all seeds")  # fmt: skip
-    data_dir: str | None = Field(None, description="folder with the Fashion-MNIST IDX files (default: "
-                                 "$FMNIST_DATA_DIR, a local copy, or the official download)", **cli("--data.data_dir"))  # fmt: skip
+    train_launcher: str | None = Field(
+        None,
+        description="command that starts training once per task, e.g. 'srun' in a SLURM allocation for --num-nodes > 1",
+    )
+    seeds: list[int] = Field(
+        [0],
+        min_length=1,
+        description="train and evaluate every network once per seed, e.g. "
+        "0 1 2 (default 0); the report compares networks over all seeds",
+    )
+    data_dir: str | None = Field(
+        None,
+        description="folder with the Fashion-MNIST IDX files (default: "
+        "$FMNIST_DATA_DIR, a local copy, or the official download)",
+        **cli("--data.data_dir"),
+    )
     output_dir: str = Field("outputs", description="where runs and cached steps go (default outputs)")
-    require_official: bool = Field(True, description="check the files against the official release (off: your own "
-                                   "or test data)", **cli("--data.require_official"))  # fmt: skip
+    require_official: bool = Field(
+        True,
+        description="check the files against the official release (off: your own or test data)",
+        **cli("--data.require_official"),
+    )
 
     @field_validator("seeds")
     @classmethod

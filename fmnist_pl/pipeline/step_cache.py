@@ -39,9 +39,16 @@ def training_key(network: str, seed: int, settings: PipelineSettings, data: dict
     """A training step's cache key: what decides its result. The options (less the data's folder: its checksums
     stand in), the seed, the config's text, the code's version and the CPU threads (they change a convolution's
     sums). The launcher changes how, not what."""
-    return step_key(step="train", network=network, seed=seed, config=settings.config_file(network).read_text(),
-                    data=data["sha256"], version=__version__, options=settings.cli_options(data_dir=None),
-                    threads=threads)  # fmt: skip
+    return step_key(
+        step="train",
+        network=network,
+        seed=seed,
+        config=settings.config_file(network).read_text(),
+        data=data["sha256"],
+        version=__version__,
+        options=settings.cli_options(data_dir=None),
+        threads=threads,
+    )
 
 
 def export_key(checkpoint: Path, data: dict) -> str:
@@ -53,8 +60,13 @@ def evaluation_key(checkpoint: Path, data: dict, training_split: bool) -> str:
     """An evaluation step's cache key: the bytes of the checkpoint it evaluates (a retrained or replaced
     checkpoint is evaluated again; a moved or copied one is the same), the data, the code, and whether it predicts
     the training split too."""
-    return step_key(step="evaluate", checkpoint=file_sha256(checkpoint), data=data["sha256"], version=__version__,
-                    training_split=training_split)  # fmt: skip
+    return step_key(
+        step="evaluate",
+        checkpoint=file_sha256(checkpoint),
+        data=data["sha256"],
+        version=__version__,
+        training_split=training_split,
+    )
 
 
 def reuse_finished(work: Path, what: str, outputs: list[Path]) -> dict | None:

@@ -5,10 +5,12 @@ folder (step_cache.py)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
@@ -33,7 +35,7 @@ from fmnist_pl.pipeline.step_cache import (
 from fmnist_pl.report import build_report, markdown_with_embedded_figures
 
 
-def retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001
+def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:
     """Prefect retry condition: retry what may pass on a second try (a download, a killed or crashed subprocess),
     never a rejected option, data file, checkpoint or machine."""
     if stopping():  # the flow was told to stop: no second attempt
@@ -65,17 +67,27 @@ def download_data(data_dir: str | None, require_official: bool) -> dict:
     }
 
 
-def step_task(run_name: str, backoff_seconds: float):  # noqa: ANN201 - Prefect's decorator
+def step_task(run_name: str, backoff_seconds: float) -> Callable[[Callable], Task]:
     """A training or evaluation task: retried twice, after `backoff_seconds` then more, unless a retry cannot help."""
-    return task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=backoff_seconds),
-                retry_condition_fn=retry_unless_bad_input, task_run_name=run_name)  # fmt: skip
+    return task(
+        retries=2,
+        retry_delay_seconds=exponential_backoff(backoff_factor=backoff_seconds),
+        retry_condition_fn=retry_unless_bad_input,
+        task_run_name=run_name,
+    )
 
 
 @step_task("train-{network}-seed{seed}", backoff_seconds=10)
 def train_model(
-    network: str, seed: int, settings: PipelineSettings, data: dict, steps_dir: str, threads: int | None = None,
-    budget: int = 1, ticket: int = 0,
-) -> dict:  # fmt: skip
+    network: str,
+    seed: int,
+    settings: PipelineSettings,
+    data: dict,
+    steps_dir: str,
+    threads: int | None = None,
+    budget: int = 1,
+    ticket: int = 0,
+) -> dict:
     """`fmnist-pl fit` for one network and seed; cached on its inputs, resumed from last.ckpt after an interruption.
     Trainings start in `ticket` order within a budget of `budget` threads (scheduling.py)."""
     queue = training_queue(str(flow_run.id), budget)
@@ -93,20 +105,33 @@ def train_model(
             resume = work.last_checkpoint.is_file() and not set_aside_if_damaged(work.last_checkpoint)
             if not resume:  # an earlier attempt's best.ckpt must never be what this training's evaluation loads
                 set_aside_stale_checkpoints(work.best_checkpoint.parent)
-            logger.info(f"training{' (resuming)' if resume else ''}{f' on {threads} thread(s)' if threads else ''}; "
-                        f"log: {work.log}")  # fmt: skip
+            logger.info(
+                f"training{' (resuming)' if resume else ''}{f' on {threads} thread(s)' if threads else ''}; "
+                f"log: {work.log}"
+            )
             started = time.perf_counter()
             run_step_command(
-                ["fit", f"--config={settings.config_file(network)}", *settings.cli_options(data_dir=data["source_dir"]),
-                 f"--seed_everything={seed}", *log_into(work.path), "--trainer.enable_progress_bar=false",
-                 *([f"--ckpt_path={work.last_checkpoint}"] if resume else [])],
+                [
+                    "fit",
+                    f"--config={settings.config_file(network)}",
+                    *settings.cli_options(data_dir=data["source_dir"]),
+                    f"--seed_everything={seed}",
+                    *log_into(work.path),
+                    "--trainer.enable_progress_bar=false",
+                    *([f"--ckpt_path={work.last_checkpoint}"] if resume else []),
+                ],
                 work.log,
                 env={"OMP_NUM_THREADS": str(threads)} if threads else None,
                 launcher=settings.train_launcher or "",
                 keep_open=(lock.fileno(),),
-            )  # fmt: skip
-            result = {"network": network, "seed": seed, "dir": str(work.path),
-                      "wall_seconds": round(time.perf_counter() - started, 2), "resumed": resume}  # fmt: skip
+            )
+            result = {
+                "network": network,
+                "seed": seed,
+                "dir": str(work.path),
+                "wall_seconds": round(time.perf_counter() - started, 2),
+                "resumed": resume,
+            }
             return mark_finished(work.path, result, outputs)
     finally:
         queue.pass_turn(ticket)  # whatever happened, later trainings are not held up
@@ -133,15 +158,27 @@ def evaluate_model(
         get_run_logger().info(f"evaluating; log: {work.log}")
         started = time.perf_counter()
         run_step_command(
-            ["evaluate", f"--config={settings.config_file(network)}", f"--ckpt_path={best}",
-             *settings.cli_options(data_dir=data["source_dir"], devices=1, strategy="auto", num_nodes=1),
-             f"--seed_everything={seed}", f"--predict_splits=[{'train' if training_split else ''}]",
-             *log_into(work.path), "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"],
+            [
+                "evaluate",
+                f"--config={settings.config_file(network)}",
+                f"--ckpt_path={best}",
+                *settings.cli_options(data_dir=data["source_dir"], devices=1, strategy="auto", num_nodes=1),
+                f"--seed_everything={seed}",
+                f"--predict_splits=[{'train' if training_split else ''}]",
+                *log_into(work.path),
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+            ],
             work.log,
-        )  # fmt: skip
+        )
         # The training by its folder's name: both live in the same steps folder, wherever it is moved.
-        result = {"network": network, "seed": seed, "dir": str(work.path), "train_dir": Path(trained["dir"]).name,
-                  "wall_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+        result = {
+            "network": network,
+            "seed": seed,
+            "dir": str(work.path),
+            "train_dir": Path(trained["dir"]).name,
+            "wall_seconds": round(time.perf_counter() - started, 2),
+        }
         return mark_finished(work.path, result, outputs)
 
 
@@ -164,12 +201,22 @@ def export_model(
         get_run_logger().info(f"exporting to ONNX; log: {log}")
         started = time.perf_counter()
         run_step_command(
-            ["export", f"--ckpt_path={best}", f"--output_dir={work}", f"--data.data_dir={data['source_dir']}",
-             f"--data.require_official={str(settings.require_official).lower()}"],
+            [
+                "export",
+                f"--ckpt_path={best}",
+                f"--output_dir={work}",
+                f"--data.data_dir={data['source_dir']}",
+                f"--data.require_official={str(settings.require_official).lower()}",
+            ],
             log,
-        )  # fmt: skip
-        result = {"network": network, "seed": seed, "dir": str(work), "train_dir": Path(trained["dir"]).name,
-                  "wall_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+        )
+        result = {
+            "network": network,
+            "seed": seed,
+            "dir": str(work),
+            "train_dir": Path(trained["dir"]).name,
+            "wall_seconds": round(time.perf_counter() - started, 2),
+        }
         return mark_finished(work, result, outputs)
 
 

@@ -54,10 +54,17 @@ def read_record(run: RunFolder) -> dict:
         record = json.loads(read(run.record, "run record (run.json)").read_text())
         steps, networks, seeds, _ = record["steps"], record["networks"], record.get("seeds", [0]), record["settings"]
     except (ValueError, KeyError, TypeError) as e:  # not JSON, cut off, or not a run record
-        raise DataError(f"{run.record} is damaged or not a pipeline run record ({type(e).__name__}: {e}); "
-                        "run the pipeline again to write a new run") from e  # fmt: skip
-    missing = [step_name(kind, network, seed) for network in networks for seed in seeds
-               for kind in ("train", "evaluate") if step_name(kind, network, seed) not in steps]  # fmt: skip
+        raise DataError(
+            f"{run.record} is damaged or not a pipeline run record ({type(e).__name__}: {e}); "
+            "run the pipeline again to write a new run"
+        ) from e
+    missing = [
+        step_name(kind, network, seed)
+        for network in networks
+        for seed in seeds
+        for kind in ("train", "evaluate")
+        if step_name(kind, network, seed) not in steps
+    ]
     if "download" not in steps or missing:
         failed = f", failed at {record['failed_step']}" if record.get("failed_step") else ""
         raise DataError(
@@ -105,13 +112,15 @@ def collect_network(results: RunResults, network: str) -> NetworkResults:
     values = list(per_seed.values())
     summary = {
         "seeds": per_seed,
-        **{key: describe_spread([v[key] for v in values]) for key in
-           ("test_accuracy", "test_accuracy_without_flip", "training_wall_seconds", "best_val_accuracy")},
+        **{
+            key: describe_spread([v[key] for v in values])
+            for key in ("test_accuracy", "test_accuracy_without_flip", "training_wall_seconds", "best_val_accuracy")
+        },
         "test_time_flip": first["test"].get("test_time_flip", False),
         "test_images": first["test"]["images"],
         "trainable_parameters": first["test"]["trainable_parameters"],
         "flops_per_image": first["test"]["flops_per_image"],
         "test_images_per_second": first["test"]["test_images_per_second"],
         "test_precision": first["test"].get("precision", "32-true"),
-    }  # fmt: skip
+    }
     return NetworkResults(summary, histories, np.stack(correct), first["evaluation"], first["predictions"])

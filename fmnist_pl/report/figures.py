@@ -131,8 +131,16 @@ def plot_validation_accuracy(histories: dict[str, dict[int, pd.DataFrame]], path
     for i, (network, by_seed) in enumerate(histories.items()):
         colour = colours(i)
         for k, history in enumerate(by_seed.values()):
-            ax.plot(history["epoch"] + 1, history["val/acc"], "o-", ms=3, lw=1.5, color=colour, alpha=0.85,
-                    label=f"{network} ({len(by_seed)} seed{'s' * (len(by_seed) > 1)})" if k == 0 else None)  # fmt: skip
+            ax.plot(
+                history["epoch"] + 1,
+                history["val/acc"],
+                "o-",
+                ms=3,
+                lw=1.5,
+                color=colour,
+                alpha=0.85,
+                label=f"{network} ({len(by_seed)} seed{'s' * (len(by_seed) > 1)})" if k == 0 else None,
+            )
         if network in STUDY["networks"]:
             study = STUDY["networks"][network]["best_val_accuracy"]
             ax.axhline(study, color=colour, ls="--", lw=1, label=f"study's {network}: best validation {study:.2%}")
@@ -151,22 +159,42 @@ def plot_accuracy_against_cost(results: dict, path: Path) -> None:
     figure = Figure(figsize=(12, 4.8))
     axes = figure.subplots(1, 2, sharey=True)
     colours = matplotlib.colormaps["tab10"]
-    for ax, (key, label) in zip(axes, (("time", "training time (s, log scale)"),
-                                       ("parameters", "trainable parameters (log scale)")), strict=True):  # fmt: skip
+    for ax, (key, label) in zip(
+        axes,
+        (("time", "training time (s, log scale)"), ("parameters", "trainable parameters (log scale)")),
+        strict=True,
+    ):
         for i, (network, r) in enumerate(results.items()):
             seeds = list(r["seeds"].values())
-            xs = ([s["training_wall_seconds"] for s in seeds] if key == "time"
-                  else [r["trainable_parameters"]] * len(seeds))  # fmt: skip
+            xs = (
+                [s["training_wall_seconds"] for s in seeds]
+                if key == "time"
+                else [r["trainable_parameters"]] * len(seeds)
+            )
             ax.scatter(xs, [s["test_accuracy"] for s in seeds], s=14, color=colours(i), alpha=0.6)
-            ax.scatter(np.mean(xs), r["test_accuracy"]["mean"], s=90, color=colours(i), edgecolor="black",
-                       label=f"{network}, this run")  # fmt: skip
+            ax.scatter(
+                np.mean(xs),
+                r["test_accuracy"]["mean"],
+                s=90,
+                color=colours(i),
+                edgecolor="black",
+                label=f"{network}, this run",
+            )
             study = STUDY["networks"].get(network)
             if study:  # same architecture as the port, so the same parameter count
                 low, high = (float(v) * study["epochs"] for v in study["seconds_per_epoch"].split("-"))
                 x = (low + high) / 2 if key == "time" else r["trainable_parameters"]
-                ax.errorbar(x, study["test_accuracy"], xerr=[[x - low], [high - x]] if key == "time" else None,
-                            fmt="s", ms=8, mfc="white", color=colours(i), capsize=3,
-                            label=f"{network}, study (2020)")  # fmt: skip
+                ax.errorbar(
+                    x,
+                    study["test_accuracy"],
+                    xerr=[[x - low], [high - x]] if key == "time" else None,
+                    fmt="s",
+                    ms=8,
+                    mfc="white",
+                    color=colours(i),
+                    capsize=3,
+                    label=f"{network}, study (2020)",
+                )
         ax.axhline(STUDY_GOAL, color="black", ls=":", lw=1.5, label=f"goal {STUDY_GOAL:.0%}")
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))  # 100, 200, 500, 1,000, ...
@@ -177,6 +205,11 @@ def plot_accuracy_against_cost(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("test accuracy")
     axes[0].legend(fontsize=7, loc="center right")  # between the 90 % line and the top: no points there
-    figure.text(0.01, 0.01, "Study times: its reported seconds per epoch × epochs, on the author's laptop (range).",
-                fontsize=7, color="grey")  # fmt: skip
+    figure.text(
+        0.01,
+        0.01,
+        "Study times: its reported seconds per epoch × epochs, on the author's laptop (range).",
+        fontsize=7,
+        color="grey",
+    )
     save(figure, path)

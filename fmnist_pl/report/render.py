@@ -72,8 +72,12 @@ def png_data_uri(path: Path, max_pixels: int | None = None) -> str:
 
 def environment(run_dir: Path, autoescape: bool) -> jinja2.Environment:
     """The templates' environment: `bold` for paragraphs, `data_uri` for a figure of the run folder."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=autoescape,
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)  # fmt: skip
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=autoescape,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
     env.filters["bold"] = bold
     env.filters["data_uri"] = lambda path: png_data_uri(run_dir / path)
     return env

@@ -25,8 +25,10 @@ def per_class_scores(matrix: np.ndarray) -> pd.DataFrame:
     precision = np.divide(true_positive, matrix.sum(axis=0), out=np.zeros(10), where=matrix.sum(axis=0) > 0)
     recall = np.divide(true_positive, matrix.sum(axis=1), out=np.zeros(10), where=matrix.sum(axis=1) > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(10), where=(precision + recall) > 0)
-    return pd.DataFrame({"precision": precision, "recall": recall, "f1": f1, "images": matrix.sum(axis=1)},
-                        index=pd.Index(CLASS_NAMES, name="class")).round(4)  # fmt: skip
+    return pd.DataFrame(
+        {"precision": precision, "recall": recall, "f1": f1, "images": matrix.sum(axis=1)},
+        index=pd.Index(CLASS_NAMES, name="class"),
+    ).round(4)
 
 
 def most_confused(matrix: np.ndarray, top: int = 5) -> pd.DataFrame:
@@ -34,9 +36,16 @@ def most_confused(matrix: np.ndarray, top: int = 5) -> pd.DataFrame:
     off = [(matrix[i, j], CLASS_NAMES[i], CLASS_NAMES[j]) for i in range(10) for j in range(10) if i != j]
     rows = sorted(off, reverse=True)[:top]
     return pd.DataFrame(
-        [{"true": t, "predicted as": p, "images": int(n), "share of true class": f"{n / matrix[CLASS_NAMES.index(t)].sum():.1%}"}
-         for n, t, p in rows]
-    )  # fmt: skip
+        [
+            {
+                "true": t,
+                "predicted as": p,
+                "images": int(n),
+                "share of true class": f"{n / matrix[CLASS_NAMES.index(t)].sum():.1%}",
+            }
+            for n, t, p in rows
+        ]
+    )
 
 
 def mcnemar_p_value(only_first: int, only_second: int) -> float:
@@ -49,8 +58,9 @@ def mcnemar_p_value(only_first: int, only_second: int) -> float:
     return min(1.0, float(Fraction(2 * tail, 2**n)))
 
 
-def paired_comparison(first: np.ndarray, second: np.ndarray, seeds: list[int], level: float = 0.05,
-                      resamples: int = 2000) -> dict:  # fmt: skip
+def paired_comparison(
+    first: np.ndarray, second: np.ndarray, seeds: list[int], level: float = 0.05, resamples: int = 2000
+) -> dict:
     """Compare two networks on the same test images: `first`, `second` are (seeds × images) booleans, True where the
     image was classified correctly. McNemar's exact test per seed, and a bootstrap confidence interval (test images
     resampled, pairs kept) of the accuracy difference averaged over seeds. The difference counts as significant only
@@ -58,26 +68,43 @@ def paired_comparison(first: np.ndarray, second: np.ndarray, seeds: list[int], l
     difference = (first.astype(np.int8) - second.astype(np.int8)).mean(axis=0)  # per image, averaged over seeds
     rng = np.random.default_rng(0)  # the same interval every time the report is rebuilt
     n = difference.size
-    means = np.concatenate([difference[rng.integers(0, n, size=(100, n))].mean(axis=1)
-                            for _ in range(resamples // 100)])  # fmt: skip
+    means = np.concatenate(
+        [difference[rng.integers(0, n, size=(100, n))].mean(axis=1) for _ in range(resamples // 100)]
+    )
     low, high = np.quantile(means, [level / 2, 1 - level / 2])
     per_seed = []
     for seed, a, b in zip(seeds, first, second, strict=True):
         only_first, only_second = int((a & ~b).sum()), int((~a & b).sum())
-        per_seed.append({"seed": seed, "only_first_correct": only_first, "only_second_correct": only_second,
-                         "p_value": mcnemar_p_value(only_first, only_second)})  # fmt: skip
+        per_seed.append(
+            {
+                "seed": seed,
+                "only_first_correct": only_first,
+                "only_second_correct": only_second,
+                "p_value": mcnemar_p_value(only_first, only_second),
+            }
+        )
     signs = {np.sign(s["only_first_correct"] - s["only_second_correct"]) for s in per_seed}
     significant = bool(
         (low > 0 or high < 0) and all(s["p_value"] < level for s in per_seed) and len(signs) == 1 and 0 not in signs
     )
-    return {"difference": float(difference.mean()), "ci_low": float(low), "ci_high": float(high),
-            "confidence": 1 - level, "mcnemar": per_seed, "significant": significant}  # fmt: skip
+    return {
+        "difference": float(difference.mean()),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "confidence": 1 - level,
+        "mcnemar": per_seed,
+        "significant": significant,
+    }
 
 
 def describe_spread(values: list[float]) -> dict:
     """Mean, sample standard deviation (None for one value), min and max."""
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-            "min": float(min(values)), "max": float(max(values))}  # fmt: skip
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+        "min": float(min(values)),
+        "max": float(max(values)),
+    }
 
 
 def accuracy_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
