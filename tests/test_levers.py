@@ -34,13 +34,14 @@ def test_whitening_filters_decorrelate_the_training_patches() -> None:
 
 
 def test_dirac_init_starts_every_trained_convolution_as_the_identity_on_its_inputs() -> None:
-    net = BatchNormCNN(dirac_init=True)
+    net = BatchNormCNN(whitening=False)  # a trained stem too: seven convolutions, all dirac-initialized
     convs = [m for m in net.modules() if type(m) is nn.Conv2d]
     assert len(convs) == 7
     for conv in convs:
         x = torch.randn(2, conv.in_channels, 9, 9)
         assert torch.allclose(conv(x)[:, : conv.in_channels], x, atol=1e-6)
-    assert not torch.equal(BatchNormCNN().stem[0].weight[:1], convs[0].weight[:1])  # off: PyTorch's random init
+    off = BatchNormCNN(whitening=False, dirac_init=False)
+    assert not torch.equal(off.stem[0].weight[:1], convs[0].weight[:1])  # off: PyTorch's random init
 
 
 def test_batchnorm_scale_off_is_not_trained() -> None:

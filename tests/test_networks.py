@@ -11,11 +11,18 @@ from torch import nn
 from fmnist_pl.configs import profile_config
 from fmnist_pl.errors import ConfigError
 from fmnist_pl.module import FashionMNISTClassifier
-from fmnist_pl.networks import NETWORKS, BatchNormCNN, StudyDenseNet, StudyLeNetCNN, count_trainable_parameters
+from fmnist_pl.networks import (
+    NETWORKS,
+    BatchNormCNN,
+    PatchWhitening,
+    StudyDenseNet,
+    StudyLeNetCNN,
+    count_trainable_parameters,
+)
 
 
 @pytest.mark.parametrize(
-    ("network", "parameters"), [(StudyDenseNet, 2_261_465), (StudyLeNetCNN, 116_859), (BatchNormCNN, 167_794)]
+    ("network", "parameters"), [(StudyDenseNet, 2_261_465), (StudyLeNetCNN, 116_859), (BatchNormCNN, 292_636)]
 )
 def test_trainable_parameters_are_pinned(network: type[nn.Module], parameters: int) -> None:
     net = network()
@@ -118,24 +125,27 @@ def test_registry_names_every_network_once_and_each_builds() -> None:
 
 
 def test_batchnorm_cnn_layers_and_channels_last() -> None:
-    net = BatchNormCNN()
+    net = BatchNormCNN()  # the shipped network: a whitening stem (1 -> 18 filters), then 32/64/128
     convs = [(m.in_channels, m.out_channels, m.kernel_size, m.bias) for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert [(c_in, c_out) for c_in, c_out, *_ in convs] == [
-        (1, 24),
-        (24, 24),
-        (24, 24),
-        (24, 48),
-        (48, 48),
-        (48, 96),
-        (96, 96),
+        (1, 18),
+        (18, 32),
+        (32, 32),
+        (32, 64),
+        (64, 64),
+        (64, 128),
+        (128, 128),
     ]
-    assert all(kernel == (3, 3) and bias is None for _, _, kernel, bias in convs)  # BatchNorm's shift is the bias
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 7
+    assert isinstance(net.stem[0], PatchWhitening) and not net.stem[0].weight.requires_grad
+    # BatchNorm's shift is the trained convolutions' bias; BatchNorm's scale stays 1.
+    assert all(kernel == (3, 3) and bias is None for _, _, kernel, bias in convs[1:])
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 6 and not any(n.weight.requires_grad for n in norms)
     # Each stage pools straight after its first convolution, before BatchNorm: 28 -> 14 -> 7 -> 3 pixels.
     layers = list(net.features)
     pools = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
     assert len(pools) == 3 and all(isinstance(layers[i - 1], nn.Conv2d) for i in pools)
-    assert net.features(torch.rand(2, 24, 28, 28)).shape == (2, 96, 3, 3)
+    assert net.features(torch.rand(2, 18, 28, 28)).shape == (2, 128, 3, 3)
     assert all(
         c.weight.is_contiguous(memory_format=torch.channels_last) for c in net.modules() if isinstance(c, nn.Conv2d)
     )
