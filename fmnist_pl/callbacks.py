@@ -169,9 +169,40 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
 
 
+def write_predictions(trainer: L.Trainer, predictions: list[dict], path: Path) -> None:
+    """Write one rank's predictions (dicts of label, predicted, confidence, probabilities per batch) and, on rank 0,
+    merge every rank's into `path`: one row per image, true label (-1 if unknown), prediction, confidence and one
+    probability column per class. Call on every rank (it waits for the others)."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    columns = {key: torch.cat([p[key] for p in predictions]).cpu() for key in predictions[0]}
+    frame = pd.DataFrame(
+        {"label": columns["label"], "predicted": columns["predicted"], "confidence": columns["confidence"]}
+    )
+    frame.insert(0, "predicted_class", [CLASS_NAMES[k] for k in frame["predicted"]])
+    for i, name in enumerate(CLASS_NAMES):
+        frame[f"p_{name}"] = columns["probabilities"][:, i]
+    # Each rank classified a contiguous shard; shards in rank order are the input order.
+    shard = directory / f".predictions.rank{trainer.global_rank}.csv"
+    frame.to_csv(shard, index=False)
+    trainer.strategy.barrier()
+    if trainer.is_global_zero:
+        shards = [directory / f".predictions.rank{r}.csv" for r in range(trainer.world_size)]
+        merged = pd.concat([pd.read_csv(s) for s in shards], ignore_index=True)
+        merged.index.name = "index"  # the image's position in the input: its IDX index, or its file in name order
+        names = getattr(trainer.datamodule, "predict_names", None) if trainer.predicting else None
+        if names is not None:
+            merged.insert(0, "file", names)
+        with atomic_write(path) as tmp:
+            merged.to_csv(tmp)
+        for s in shards:
+            s.unlink()
+        print(f"predictions of {len(merged):,} images written to {path}")
+    trainer.strategy.barrier()
+
+
 class PredictionsWriter(BasePredictionWriter):
-    """Writes `predict` results to <run dir>/predictions.csv (`evaluate`'s: predictions_<split>.csv): true label
-    (-1 if unknown), prediction, confidence, and one probability column per class."""
+    """Writes `predict` results to <run dir>/predictions.csv (`evaluate`'s: predictions_<split>.csv)."""
 
     def __init__(self, name_by_split: bool = False) -> None:
         super().__init__(write_interval="epoch")
@@ -183,30 +214,34 @@ class PredictionsWriter(BasePredictionWriter):
         directory = run_dir(trainer)
         if not directory:
             return
-        directory.mkdir(parents=True, exist_ok=True)
-        columns = {key: torch.cat([p[key] for p in predictions]).cpu() for key in predictions[0]}
-        frame = pd.DataFrame(
-            {"label": columns["label"], "predicted": columns["predicted"], "confidence": columns["confidence"]}
+        split = trainer.datamodule.hparams.predict_split if self.name_by_split else None
+        write_predictions(
+            trainer, predictions, directory / (layout.predictions_file(split) if split else layout.PREDICTIONS)
         )
-        frame.insert(0, "predicted_class", [CLASS_NAMES[k] for k in frame["predicted"]])
-        for i, name in enumerate(CLASS_NAMES):
-            frame[f"p_{name}"] = columns["probabilities"][:, i]
-        # Each rank classified a contiguous shard; shards in rank order are the input order.
-        shard = directory / f".predictions.rank{trainer.global_rank}.csv"
-        frame.to_csv(shard, index=False)
-        trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            shards = [directory / f".predictions.rank{r}.csv" for r in range(trainer.world_size)]
-            merged = pd.concat([pd.read_csv(s) for s in shards], ignore_index=True)
-            merged.index.name = "index"  # the image's position in the input: its IDX index, or its file in name order
-            names = getattr(trainer.datamodule, "predict_names", None)
-            if names is not None:
-                merged.insert(0, "file", names)
-            split = trainer.datamodule.hparams.predict_split if self.name_by_split else None
-            path = directory / (layout.predictions_file(split) if split else layout.PREDICTIONS)
-            with atomic_write(path) as tmp:
-                merged.to_csv(tmp)
-            for s in shards:
-                s.unlink()
-            print(f"predictions of {len(merged):,} images written to {path}")
-        trainer.strategy.barrier()
+
+
+class TestPredictions(Callback):
+    """`evaluate`'s predictions_test.csv, from `test`'s own forward passes (each test batch's step returns its
+    predictions): the test set is classified once, not once for the metrics and again by `predict`."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict] = []
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.batches = []
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: dict,
+        batch: object,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.batches.append({key: value.cpu() for key, value in outputs.items()})
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        directory = run_dir(trainer)  # every rank: a collective under DDP
+        if directory is not None and self.batches:
+            write_predictions(trainer, self.batches, directory / layout.predictions_file("test"))

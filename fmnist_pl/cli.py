@@ -17,7 +17,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from fmnist_pl.callbacks import EpochHistory, EvaluationFiles, HParamsSummary, LastCheckpoint, PredictionsWriter
+from fmnist_pl.callbacks import (
+    EpochHistory,
+    EvaluationFiles,
+    HParamsSummary,
+    LastCheckpoint,
+    PredictionsWriter,
+    TestPredictions,
+)
 from fmnist_pl.configs import packaged_configs
 from fmnist_pl.data import FashionMNISTDataModule
 from fmnist_pl.errors import ConfigError, FmnistError, check_seed
@@ -141,6 +148,8 @@ class FashionMNISTCLI(LightningCLI):
             callbacks.append(default_progress_bar())
         if self.subcommand in ("predict", "evaluate"):  # only then: a callback costs hook calls on every step
             callbacks.append(PredictionsWriter(name_by_split=self.subcommand == "evaluate"))
+        if self.subcommand == "evaluate":
+            callbacks.append(TestPredictions())
         kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":

@@ -23,7 +23,8 @@ class FashionMNISTTrainer(L.Trainer):
         ckpt_path: str,
         predict_splits: list[Split] | None = None,
     ) -> None:
-        """Test, then predict the test split and each of `predict_splits`, into one folder.
+        """Test (its metrics and, from the same forward passes, the test predictions), then predict each other split
+        of `predict_splits`, into one folder.
 
         Args:
             model: the network to evaluate (its weights come from `ckpt_path`).
@@ -35,8 +36,8 @@ class FashionMNISTTrainer(L.Trainer):
         """
         self.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
         flip = model.hparams.test_time_flip
-        for split in dict.fromkeys(["test", *(predict_splits or [])]):
+        for split in dict.fromkeys(s for s in predict_splits or [] if s != "test"):
             datamodule.hparams.predict_split = split
-            model.hparams.test_time_flip = flip and split == "test"
+            model.hparams.test_time_flip = False  # flip TTA is for the test split only
             self.predict(model, datamodule=datamodule, ckpt_path=ckpt_path)
         model.hparams.test_time_flip = flip

@@ -176,12 +176,14 @@ class FashionMNISTClassifier(L.LightningModule):
             probabilities = (probabilities + self(images.flip(-1)).float().softmax(dim=1)) / 2
         return logits, probabilities
 
-    def evaluation_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> None:
-        """Cross-entropy and metric updates for one validation or test batch."""
+    def evaluation_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> dict[str, torch.Tensor] | None:
+        """Cross-entropy and metric updates for one validation or test batch; a test batch also returns its
+        predictions, as `predict_step` would (`evaluate` writes them: one pass over the test set)."""
         images, labels = batch
+        probabilities = None
         if split == "test":
             logits, probabilities = self.class_probabilities(images)
-            preds = probabilities.argmax(dim=1)
+            confidence, preds = probabilities.max(dim=1)
             if self.hparams.test_time_flip:
                 self.accuracy_without_flip.update(logits.argmax(dim=1), labels)
         else:  # model selection never uses test-time augmentation
@@ -194,6 +196,9 @@ class FashionMNISTClassifier(L.LightningModule):
         self.confusion[split].update(preds, labels)
         self.log(f"{split}/loss", self.loss[split], on_step=False, on_epoch=True, prog_bar=split != "test")
         self.log(f"{split}/acc", self.accuracy[split], on_step=False, on_epoch=True, prog_bar=True)
+        if probabilities is None:
+            return None
+        return {"label": labels, "predicted": preds, "confidence": confidence, "probabilities": probabilities}
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -217,8 +222,8 @@ class FashionMNISTClassifier(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.evaluation_step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self.evaluation_step(batch, "test")
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self.evaluation_step(batch, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         images, labels = batch
