@@ -143,9 +143,11 @@ def test_a_missing_or_foreign_model_file_is_one_line(
 
 def alive(pid: int) -> bool:
     """A process that runs (not a zombie waiting for its parent to read its exit code)."""
+    import psutil
+
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 

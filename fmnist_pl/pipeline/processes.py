@@ -18,6 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
+import psutil
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
@@ -108,19 +109,12 @@ def run_step_command(
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc; elsewhere none): launchers such as torchrun start their workers in
+    """Every process below `pid` (none once it has exited): launchers such as torchrun start their workers in
     sessions of their own, out of reach of a process-group kill."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def stop_process_tree(process: subprocess.Popen) -> None:
