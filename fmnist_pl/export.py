@@ -125,7 +125,14 @@ def export_checkpoint(
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as scratch:
         candidate = Path(scratch) / layout.ONNX_MODEL
-        write_onnx(model, candidate)
+        try:
+            write_onnx(model, candidate)
+        except Exception as e:  # the exporter raises many kinds of error for an operation it cannot translate
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ExportError(
+                f"torch could not export the {hyper_parameters['network']!r} network to ONNX "
+                f"({type(e).__name__}: {reason}); nothing was written"
+            ) from e
         exported = onnx_probabilities(candidate, pixels)
         largest = check_parity(torch_probabilities(model, pixels), exported)
         os.replace(candidate, output_dir / layout.ONNX_MODEL)  # only an export that passed is ever there

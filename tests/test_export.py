@@ -214,3 +214,24 @@ def test_tensorboard_lists_the_runs_and_draws_a_scalar_chart_in_chromium(fitted:
     finally:
         tensorboard.terminate()
         tensorboard.wait(timeout=30)
+
+
+@pytest.mark.integration
+def test_a_network_the_exporter_cannot_translate_is_one_line(
+    fitted: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import torch
+
+    def cannot(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Unsupported operator aten::made_up\nwith a long explanation")
+
+    monkeypatch.setattr(torch.onnx, "export", cannot)
+    run = fitted["cnn"]
+    with pytest.raises(SystemExit):
+        export(run, f"--output_dir={run / 'unexportable'}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "fmnist-pl: error: torch could not export the 'cnn' network to ONNX "
+        "(RuntimeError: Unsupported operator aten::made_up); nothing was written"
+    ]
+    assert not (run / "unexportable" / layout.ONNX_MODEL).exists()
