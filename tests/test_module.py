@@ -75,7 +75,11 @@ def test_adamw_decays_weights_but_not_biases_or_batchnorm() -> None:
     decayed, others = optimizer.param_groups
     assert decayed["weight_decay"] == 5e-4 and others["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in others["params"])
-    assert len(decayed["params"]) + len(others["params"]) == len(list(module.parameters()))
+    # Every trained parameter is in one group; the frozen ones (whitening filters, BatchNorm scales) in none.
+    grouped = {id(p) for group in (decayed, others) for p in group["params"]}
+    assert len(decayed["params"]) + len(others["params"]) == len(grouped)
+    assert grouped == {id(p) for p in module.parameters() if p.requires_grad}
+    assert any(not p.requires_grad for p in module.parameters())  # the shipped bn_cnn has frozen parameters
 
 
 def test_sgd_is_nesterov() -> None:
