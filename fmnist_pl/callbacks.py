@@ -40,27 +40,36 @@ class EpochHistory(Callback):
 
     The rows travel inside the checkpoint (this callback's state), so a resumed run continues the same table:
     CSVLogger, by contrast, deletes metrics.csv when a run resumes in its folder. Written at the end of
-    validation, which Lightning runs before the checkpoint callbacks save at the end of the training epoch.
+    validation, which Lightning runs before the checkpoint callbacks save at the end of the training epoch; the
+    training epoch's loss and accuracy are logged only after that, so they come from the module's epoch totals.
     """
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+        self.epoch_started = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch_started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Training plus this epoch's validation: what a user waits for per epoch.
+        seconds = time.perf_counter() - self.epoch_started
+        pl_module.log("epoch_seconds", seconds, reduce_fx="max", sync_dist=True)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         directory = run_dir(trainer)  # every rank: a collective under DDP
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         train_loss, train_accuracy = pl_module.train_epoch_results()  # every rank: a reduction
-        val = pl_module.epoch_results["val"]
         self.rows.append(
             {
                 "epoch": trainer.current_epoch,
                 "train/loss": train_loss,
                 "train/acc": train_accuracy,
-                "val/loss": val["loss"],
-                "val/acc": val["accuracy"],
+                "val/loss": float(trainer.callback_metrics["val/loss"]),
+                "val/acc": float(trainer.callback_metrics["val/acc"]),
                 "lr": trainer.optimizers[0].param_groups[0]["lr"],
-                "epoch_seconds": time.perf_counter() - pl_module.epoch_started,
+                "epoch_seconds": time.perf_counter() - self.epoch_started,
             }
         )
         if not trainer.is_global_zero or directory is None:
@@ -106,11 +115,11 @@ class EvaluationFiles(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         directory = run_dir(trainer)
-        if trainer.sanity_checking or not trainer.is_global_zero or directory is None:
+        if trainer.sanity_checking:
             return
-        write_confusion_matrix(
-            pl_module.epoch_results["val"]["confusion"], directory / layout.confusion_matrix_file("val")
-        )
+        matrix = pl_module.confusion_matrix("val")  # every rank: it syncs
+        if trainer.is_global_zero and directory is not None:
+            write_confusion_matrix(matrix, directory / layout.confusion_matrix_file("val"))
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._test_started = time.perf_counter()
@@ -118,10 +127,10 @@ class EvaluationFiles(Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         seconds = time.perf_counter() - self._test_started
         directory = run_dir(trainer)
+        matrix = pl_module.confusion_matrix("test")  # every rank: it syncs
         if not trainer.is_global_zero or directory is None:
             return
-        results = pl_module.epoch_results["test"]
-        matrix = results["confusion"]
+        logged = trainer.callback_metrics
         directory.mkdir(parents=True, exist_ok=True)
         write_confusion_matrix(matrix, directory / layout.confusion_matrix_file("test"))
         images = int(matrix.sum().item())
@@ -131,8 +140,8 @@ class EvaluationFiles(Callback):
             "network": pl_module.hparams.network,
             "accuracy": accuracy,
             "test_time_flip": flip,
-            "accuracy_without_flip": results["accuracy_without_flip"] if flip else accuracy,
-            "loss": results["loss"],
+            "accuracy_without_flip": float(logged["test/acc_without_flip"]) if flip else accuracy,
+            "loss": float(logged["test/loss"]),
             "images": images,
             "trainable_parameters": count_trainable_parameters(pl_module.network),
             "flops_per_image": forward_flops(pl_module.network),

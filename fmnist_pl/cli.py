@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import pydantic
 import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -27,7 +28,7 @@ from fmnist_pl.callbacks import (
 )
 from fmnist_pl.configs import packaged_configs
 from fmnist_pl.data import FashionMNISTDataModule
-from fmnist_pl.errors import ConfigError, FmnistError, check_seed
+from fmnist_pl.errors import ConfigError, FmnistError, check_seed, one_line
 from fmnist_pl.evaluation import FashionMNISTTrainer
 from fmnist_pl.hardware import cpu_has_fast_bf16, on_cpu
 from fmnist_pl.io import check_output_place, place_error
@@ -39,7 +40,7 @@ CKPT_KEYWORDS = {"best", "last", "hpc", "registry"}  # ckpt_path values Lightnin
 # line even with a checkpoint (whose hyper-parameters replace every other model option).
 INFERENCE_OPTIONS = ("test_time_flip",)
 # Errors a user fixes (an option, a file, the machine), never a bug: one line, exit code 2, no retry.
-USER_ERRORS = (FmnistError, MisconfigurationException, ArgumentError)
+USER_ERRORS = (FmnistError, MisconfigurationException, ArgumentError, pydantic.ValidationError)
 DEFAULT_SAVE_DIR = "outputs"  # where CLI runs go (outputs/runs/version_N/) unless --trainer.default_root_dir says
 
 
@@ -178,7 +179,7 @@ class FashionMNISTCLI(LightningCLI):
             load_predict_images(config["data"]["predict_path"])
         ckpt_path = config.get("ckpt_path") if config else None
         if ckpt_path and ckpt_path not in CKPT_KEYWORDS:
-            check_checkpoint(ckpt_path, config, self.config.subcommand, self.command_line)
+            check_checkpoint(ckpt_path, config, self.command_line)
         # How to test or predict is the user's choice even with a checkpoint: kept, and restored below.
         self.inference_options = {
             option: config["model"][option]
@@ -212,9 +213,9 @@ class FashionMNISTCLI(LightningCLI):
                 file=sys.stderr,
             )
             trainer["precision"] = "32-true"
-        if self.subcommand == "fit":
-            epochs, steps = config["trainer"].get("max_epochs"), config["trainer"].get("max_steps") or -1
-            if epochs is not None and epochs == 0 or (epochs is not None and epochs < -1):
+        if self.subcommand == "fit":  # the epoch rules, checked here once, before anything is built or written
+            epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps") or -1
+            if epochs is not None and (epochs == 0 or epochs < -1):
                 raise ConfigError(f"trainer.max_epochs must be ≥ 1 (or -1 for no limit), got {epochs}")
             if config["model"].get("lr_schedule") == "one_cycle" and epochs in (None, -1) and steps == -1:
                 raise ConfigError(
@@ -234,9 +235,9 @@ def add_tensorboard(trainer: L.Trainer) -> None:
     trainer.callbacks.append(HParamsSummary())
 
 
-def check_checkpoint(ckpt_path: str, config: dict, subcommand: str, command_line: list[str]) -> None:
-    """The checkpoint exists, can be read, holds the network the config or options name, and (for `fit`) was
-    trained under a schedule that fits this run's epochs; raises ConfigError."""
+def check_checkpoint(ckpt_path: str, config: dict, command_line: list[str]) -> None:
+    """The checkpoint exists, can be read and holds the network the config or options name; raises ConfigError.
+    (Whether a resumed one-cycle schedule fits this run's epochs, the module checks as training starts.)"""
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"checkpoint {ckpt_path} does not exist; pass a .ckpt file written by `fmnist-pl fit`")
     checkpoint = read_checkpoint(ckpt_path)
@@ -248,23 +249,6 @@ def check_checkpoint(ckpt_path: str, config: dict, subcommand: str, command_line
         raise ConfigError(
             f"checkpoint {ckpt_path} holds a {held!r} network, not {asked!r}; pass that network's "
             f"config, or a checkpoint of {asked!r}"
-        )
-    if subcommand == "fit":
-        check_schedule_fits(checkpoint, config["trainer"].get("max_epochs"), ckpt_path)
-
-
-def check_schedule_fits(checkpoint: dict, max_epochs: int | None, path: str) -> None:
-    """A one-cycle schedule is planned for the whole run: resuming with another epoch count would follow the old
-    plan and crash past its end. Refuse before anything is built (the module checks again when training starts)."""
-    schedules = [s for s in checkpoint.get("lr_schedulers") or [] if isinstance(s, dict) and "total_steps" in s]
-    epochs_done, steps_done = checkpoint.get("epoch", 0) + 1, checkpoint.get("global_step", 0)
-    if not schedules or not steps_done or max_epochs is None:
-        return
-    planned = round(schedules[0]["total_steps"] * epochs_done / steps_done)
-    if planned != max_epochs:
-        raise ConfigError(
-            f"checkpoint {path} was trained under a one_cycle schedule planned for {planned} epoch(s); "
-            f"resume it with --trainer.max_epochs {planned}, or start afresh without --ckpt_path"
         )
 
 
@@ -338,13 +322,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"fmnist-pl: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except ArgumentError as e:  # the line that matters first, then where to look; not 80 lines of usage
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        details = [
-            next((line.lstrip("- ") for line in lines if line.startswith(start)), "")
-            for start in ("- Expected", "Given value:", "Expected a typing.Literal")
-        ]
-        print(f"fmnist-pl: error: {' '.join(filter(None, (lines[0] if lines else '', *details)))}", file=sys.stderr)
+    except (ArgumentError, pydantic.ValidationError) as e:  # the problem and where to look, not 80 lines of usage
+        print(f"fmnist-pl: error: {one_line(e)}", file=sys.stderr)
         command = args[0] if args and not args[0].startswith("-") else "<command>"
         print(f"(`fmnist-pl {command} --help` lists every option)", file=sys.stderr)
         raise SystemExit(2) from None

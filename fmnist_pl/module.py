@@ -4,24 +4,24 @@ Result files (history, confusion matrices, test metrics, predictions) are writte
 `fmnist_pl.callbacks`; this module only computes.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: jsonargparse reads the constraints inside `Annotated` only from real
+# annotations, not from strings.
 import math
-import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Lt
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
-from torchmetrics import MeanMetric
+from pydantic import validate_call
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from fmnist_pl.errors import ConfigError, TrainingDiverged
 from fmnist_pl.networks import NETWORKS
 
-EVAL_SPLITS = ("val", "test")
 NetworkName = Literal[tuple(NETWORKS)]  # type: ignore[valid-type]  # the registry's names: `fit --help` lists them
 
 
@@ -48,24 +48,46 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+# Constraints on the module's options, in their types: the CLI (jsonargparse) checks them as it parses, and
+# `validate_call` checks them for Python callers and checkpoints; either refusal is one line (errors.one_line).
+PositiveFloat = Annotated[float, Gt(0)]
+NonNegativeFloat = Annotated[float, Ge(0)]
+Fraction = Annotated[float, Ge(0), Lt(1)]  # [0, 1)
+OpenFraction = Annotated[float, Gt(0), Lt(1)]  # (0, 1)
+
+
+def stage_metrics() -> MetricCollection:
+    """A validation or test stage's metrics: the mean cross-entropy, the accuracy and the confusion matrix. Inputs
+    are ours and well-formed, so torchmetrics' per-update argument checks are skipped."""
+    return MetricCollection(
+        {
+            "loss": MeanMetric(),
+            "acc": MulticlassAccuracy(10, average="micro", validate_args=False),
+            "confusion": MulticlassConfusionMatrix(10, validate_args=False),
+        },
+        compute_groups=False,  # each metric is updated on its own (the loss takes other inputs)
+    )
+
+
 class FashionMNISTClassifier(L.LightningModule):
     """Trains, validates, tests and predicts with any registered network."""
 
+    @validate_call
     def __init__(
         self,
         network: NetworkName = "cnn",
         network_options: dict[str, Any] | None = None,
         optimizer: Literal["adam", "adamw", "sgd"] = "adam",
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.0,
-        l2_penalty: float = 1e-3,
-        adam_epsilon: float = 1e-7,
+        learning_rate: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 0.0,
+        l2_penalty: NonNegativeFloat = 1e-3,
+        adam_epsilon: PositiveFloat = 1e-7,
         lr_schedule: Literal["constant", "one_cycle"] = "constant",
-        warmup_fraction: float = 0.3,
-        label_smoothing: float = 0.0,
+        warmup_fraction: OpenFraction = 0.3,
+        label_smoothing: Fraction = 0.0,
         test_time_flip: bool = False,
-        ema_decay: float = 0.0,
-        bias_lr_scale: float = 1.0,
+        ema_decay: Fraction = 0.0,
+        bias_lr_scale: PositiveFloat = 1.0,
     ) -> None:
         """Args:
         network: which registered architecture: `dense`, `cnn` (the study's) or `bn_cnn`.
@@ -87,46 +109,17 @@ class FashionMNISTClassifier(L.LightningModule):
         bias_lr_scale: learning-rate multiplier for biases and BatchNorm parameters (airbench trains them faster).
         """
         super().__init__()
-        if network not in NETWORKS:
-            raise ConfigError(f"unknown network {network!r}: choose one of {', '.join(NETWORKS)}")
-        if learning_rate <= 0:
-            raise ConfigError(f"model.learning_rate must be > 0, got {learning_rate}")
-        for name, value in (("l2_penalty", l2_penalty), ("weight_decay", weight_decay)):
-            if value < 0:
-                raise ConfigError(f"model.{name} must be ≥ 0, got {value}")
-        if adam_epsilon <= 0:
-            raise ConfigError(f"model.adam_epsilon must be > 0, got {adam_epsilon}")
-        if not 0 < warmup_fraction < 1:
-            raise ConfigError(f"model.warmup_fraction must be in (0, 1), got {warmup_fraction}")
-        if not 0 <= label_smoothing < 1:
-            raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
-        if not 0 <= ema_decay < 1:
-            raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema_decay}")
-        if bias_lr_scale <= 0:
-            raise ConfigError(f"model.bias_lr_scale must be > 0, got {bias_lr_scale}")
         self.save_hyperparameters()
         try:
             self.network = NETWORKS[network](**(network_options or {}))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model.network_options {network_options} do not fit network {network!r}: {e}") from e
         self.example_input_array = torch.zeros(1, 1, 28, 28)  # lets Lightning's summary show shapes and FLOPs
-        # Inputs are ours and well-formed, so torchmetrics' per-update argument checks are skipped.
-        self.loss = {split: MeanMetric() for split in EVAL_SPLITS}
-        self.accuracy = {split: MulticlassAccuracy(10, average="micro", validate_args=False) for split in EVAL_SPLITS}
-        self.confusion = {split: MulticlassConfusionMatrix(10, validate_args=False) for split in EVAL_SPLITS}
-        self.accuracy_without_flip = MulticlassAccuracy(10, average="micro", validate_args=False)  # test, with TTA on
-        # Registered as modules so they move with the model to the device and sync across ranks.
-        self.metrics = torch.nn.ModuleDict(
-            {
-                f"{kind}_{split}": m
-                for kind, d in (("loss", self.loss), ("acc", self.accuracy), ("cm", self.confusion))
-                for split, m in d.items()
-            }
-            | {"acc_test_without_flip": self.accuracy_without_flip}
-        )
-        # The last finished evaluation epoch per split (loss, accuracy, confusion matrix), for the result writers.
-        self.epoch_results: dict[str, dict] = {}
-        self.epoch_started = 0.0
+        # One collection per evaluation stage; a ModuleDict, so they move with the model and sync across ranks.
+        # Under flip TTA the test stage also keeps the plain (unflipped) accuracy.
+        test_metrics = stage_metrics()
+        test_metrics.add_metrics({"acc_without_flip": MulticlassAccuracy(10, average="micro", validate_args=False)})
+        self.metrics = torch.nn.ModuleDict({"val": stage_metrics(), "test": test_metrics})
         # Training-epoch sums (loss × images, correct, images): three in-place adds per step instead of metric
         # objects and per-step logging. Reduced across ranks once per epoch.
         self.register_buffer("train_loss_sum", torch.zeros(()), persistent=False)
@@ -180,25 +173,31 @@ class FashionMNISTClassifier(L.LightningModule):
         """Cross-entropy and metric updates for one validation or test batch; a test batch also returns its
         predictions, as `predict_step` would (`evaluate` writes them: one pass over the test set)."""
         images, labels = batch
+        metrics = self.metrics[split]
         probabilities = None
         if split == "test":
             logits, probabilities = self.class_probabilities(images)
             confidence, preds = probabilities.max(dim=1)
             if self.hparams.test_time_flip:
-                self.accuracy_without_flip.update(logits.argmax(dim=1), labels)
+                metrics["acc_without_flip"].update(logits.argmax(dim=1), labels)
+                self.log("test/acc_without_flip", metrics["acc_without_flip"], on_step=False, on_epoch=True)
         else:  # model selection never uses test-time augmentation
             logits = self(images)
             preds = logits.argmax(dim=1)
-        loss = F.cross_entropy(logits.float(), labels)
         # Weighted by batch size so the epoch value is the exact per-image mean, on any number of devices.
-        self.loss[split].update(loss.detach(), weight=len(labels))
-        self.accuracy[split].update(preds, labels)
-        self.confusion[split].update(preds, labels)
-        self.log(f"{split}/loss", self.loss[split], on_step=False, on_epoch=True, prog_bar=split != "test")
-        self.log(f"{split}/acc", self.accuracy[split], on_step=False, on_epoch=True, prog_bar=True)
+        metrics["loss"].update(F.cross_entropy(logits.float(), labels).detach(), weight=len(labels))
+        metrics["acc"].update(preds, labels)
+        metrics["confusion"].update(preds, labels)
+        self.log(f"{split}/loss", metrics["loss"], on_step=False, on_epoch=True, prog_bar=split != "test")
+        self.log(f"{split}/acc", metrics["acc"], on_step=False, on_epoch=True, prog_bar=True)
         if probabilities is None:
             return None
         return {"label": labels, "predicted": preds, "confidence": confidence, "probabilities": probabilities}
+
+    def confusion_matrix(self, split: str) -> torch.Tensor:
+        """This epoch's `val` or `test` confusion matrix (rows true, columns predicted), summed over ranks; call on
+        every rank (it syncs). Not a logged value: Lightning logs scalars only."""
+        return self.metrics[split]["confusion"].compute().cpu()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -237,13 +236,13 @@ class FashionMNISTClassifier(L.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             planned, now = getattr(config.scheduler, "total_steps", None), self.trainer.estimated_stepping_batches
             if planned is not None and planned != now:
+                epochs = round(planned * self.trainer.max_epochs / now)
                 raise ConfigError(
-                    f"this checkpoint's one_cycle schedule was planned for {planned} steps, this run has {now}: "
-                    "resume with the epoch count it was started with, or start afresh without --ckpt_path"
+                    f"this checkpoint was trained under a one_cycle schedule planned for {epochs} epoch(s); resume "
+                    f"it with --trainer.max_epochs {epochs}, or start afresh without --ckpt_path"
                 )
 
     def on_train_epoch_start(self) -> None:
-        self.epoch_started = time.perf_counter()
         for total in (self.train_loss_sum, self.train_correct, self.train_images):
             total.zero_()
 
@@ -251,46 +250,26 @@ class FashionMNISTClassifier(L.LightningModule):
         loss, accuracy = self.train_epoch_results()
         self.log_dict({"train/loss": loss, "train/acc": accuracy}, prog_bar=True)  # already reduced over ranks
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])  # the peak-scaled rate under one_cycle
-        # Training plus this epoch's validation: what a user waits for per epoch.
-        self.log("epoch_seconds", time.perf_counter() - self.epoch_started, reduce_fx="max", sync_dist=True)
 
-    def _finish_evaluation_epoch(self, split: str) -> None:
-        # compute() syncs across ranks, so every rank takes part; the writers then only read the results.
-        matrix = self.confusion[split].compute()
-        self.confusion[split].reset()
-        self.epoch_results[split] = {
-            "loss": self.loss[split].compute().item(),
-            "accuracy": self.accuracy[split].compute().item(),
-            "confusion": matrix.cpu(),
-        }
-        if split == "test" and self.hparams.test_time_flip:
-            self.epoch_results[split]["accuracy_without_flip"] = self.accuracy_without_flip.compute().item()
-            self.accuracy_without_flip.reset()
+    def on_validation_epoch_start(self) -> None:
+        self.metrics["val"]["confusion"].reset()  # the logged metrics Lightning resets itself
+
+    def on_test_epoch_start(self) -> None:
+        self.metrics["test"]["confusion"].reset()
 
     def on_validation_epoch_end(self) -> None:
-        self._finish_evaluation_epoch("val")
-        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
-            # Here, before the checkpoint callbacks save this epoch: a diverged epoch never becomes best.ckpt.
-            self.stop_if_diverged()
-
-    def stop_if_diverged(self) -> None:
-        """Stop training whose loss is not finite, or exploded: a training loss over 10 times that of a uniform
-        guess (ln 10) while validation accuracy is at chance. Below that, a high but falling loss may recover."""
-        train_loss, _ = self.train_epoch_results()  # the same on every rank, so every rank stops together
-        val = self.epoch_results["val"]
-        exploded = train_loss > 10 * math.log(10) and val["accuracy"] < 0.2
-        if math.isfinite(train_loss) and math.isfinite(val["loss"]) and not exploded:
+        if self.trainer.state.fn != "fit" or self.trainer.sanity_checking:
             return
-        raise TrainingDiverged(
-            f"training diverged in epoch {self.current_epoch + 1}: training loss {train_loss:.4g}, validation loss "
-            f"{val['loss']:.4g}, accuracy {val['accuracy']:.1%}; lower --model.learning_rate (now "
-            f"{self.hparams.learning_rate:g}) or check the data"
+        # Here, before the checkpoint callbacks save this epoch: a diverged epoch never becomes best.ckpt.
+        train_loss, _ = self.train_epoch_results()  # the same on every rank, so every rank stops together
+        val = self.metrics["val"]
+        check_not_diverged(
+            self.current_epoch, train_loss, val["loss"].compute().item(), val["acc"].compute().item(), self.hparams
         )
 
     def on_test_epoch_end(self) -> None:
-        self._finish_evaluation_epoch("test")
         # Each image counted once across ranks: the confusion matrix is already the sum over ranks.
-        self.log("test/images", self.epoch_results["test"]["confusion"].sum().float(), reduce_fx="max")
+        self.log("test/images", self.confusion_matrix("test").sum().float(), reduce_fx="max")
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict:
         hp = self.hparams
@@ -310,10 +289,20 @@ class FashionMNISTClassifier(L.LightningModule):
             optimizer = adam(groups, lr=hp.learning_rate, eps=hp.adam_epsilon, fused=True)
         if hp.lr_schedule == "constant":
             return optimizer
-        total_steps = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total_steps):
-            raise ConfigError("the one_cycle schedule needs a finite length: set --trainer.max_epochs")
+        total_steps = self.trainer.estimated_stepping_batches  # finite: the CLI refuses an endless one_cycle fit
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[group["lr"] for group in groups], total_steps=total_steps, pct_start=hp.warmup_fraction
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def check_not_diverged(epoch: int, train_loss: float, val_loss: float, val_accuracy: float, hparams: dict) -> None:
+    """Stop training whose loss is not finite, or exploded: a training loss over 10 times that of a uniform guess
+    (ln 10) while validation accuracy is at chance. Below that, a high but falling loss may recover."""
+    exploded = train_loss > 10 * math.log(10) and val_accuracy < 0.2
+    if math.isfinite(train_loss) and math.isfinite(val_loss) and not exploded:
+        return
+    raise TrainingDiverged(
+        f"training diverged in epoch {epoch + 1}: training loss {train_loss:.4g}, validation loss {val_loss:.4g}, "
+        f"accuracy {val_accuracy:.1%}; lower --model.learning_rate (now {hparams['learning_rate']:g}) or check the data"
+    )

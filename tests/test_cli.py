@@ -201,7 +201,6 @@ def test_print_config_resolves_a_packaged_config_by_name(capsys: pytest.CaptureF
     ("args", "message"),
     [
         (["--model.network=mlp"], "Expected a typing.Literal['dense', 'cnn', 'bn_cnn']. Got value: mlp"),
-        (["--model.learning_rate=-0.1"], "learning_rate must be > 0"),
         (["--data.val_size=60000"], "val_size must be between 1 and 59,999"),
         (["--ckpt_path=/no/such.ckpt"], "checkpoint /no/such.ckpt does not exist"),
         (["--config=reference_resnet"], "neither a file nor a packaged config"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import json
 import os
@@ -51,7 +52,11 @@ def fake_checkpoint(path: Path, network: str, weights_of: str | None = None) -> 
 @pytest.mark.parametrize(
     ("option", "first_line"),
     [
-        ("--trainer.max_epochs=abc", "Parser key \"trainer.max_epochs\": Expected a <class 'int'> Given value: abc"),
+        ("--trainer.max_epochs=abc", "Parser key \"trainer.max_epochs\": Expected a <class 'int'>. Got value: abc"),
+        (
+            "--model.learning_rate=-0.1",
+            "Parser key \"model.learning_rate\": Input should be greater than 0 (given '-0.1')",
+        ),
         ("--model.netwrk=cnn", "unrecognized arguments: --model.netwrk=cnn"),
         ("--config={typo_yaml}", "does not accept option 'model.netwrk'"),  # a typo'd key in a config file
     ],
@@ -595,16 +600,14 @@ def test_a_lost_prefect_server_ends_the_run_in_one_line_within_seconds(tiny_data
 )
 def test_divergence_rule(train_loss: float, val_loss: float, val_accuracy: float, stops: bool) -> None:
     from fmnist_pl.errors import TrainingDiverged
-    from fmnist_pl.module import FashionMNISTClassifier
+    from fmnist_pl.module import check_not_diverged
 
-    module = FashionMNISTClassifier("dense", learning_rate=1000.0)
-    module._train_epoch = (0, train_loss, 0.1)
-    module.epoch_results["val"] = {"loss": val_loss, "accuracy": val_accuracy}
+    check = functools.partial(check_not_diverged, 0, train_loss, val_loss, val_accuracy, {"learning_rate": 1000.0})
     if stops:
         with pytest.raises(TrainingDiverged, match=r"diverged in epoch 1: .* lower --model.learning_rate \(now 1000\)"):
-            module.stop_if_diverged()
+            check()
     else:
-        module.stop_if_diverged()
+        check()
 
 
 @pytest.mark.integration

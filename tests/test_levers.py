@@ -13,7 +13,6 @@ from torch import nn
 from fmnist_pl import cli
 from fmnist_pl.cli import main
 from fmnist_pl.data import FashionMNISTDataModule, ShardedBatches
-from fmnist_pl.errors import ConfigError
 from fmnist_pl.module import FashionMNISTClassifier
 from fmnist_pl.networks import BatchNormCNN, PatchWhitening
 
@@ -86,13 +85,6 @@ def test_alternating_flips_mirror_each_image_the_other_way_every_epoch() -> None
     order = batches._indices()
     flipped = torch.cat([b[:, 0, 0, -1] == 1 for b, _ in batches])
     assert torch.equal(flipped, plans[1][order])
-
-
-def test_network_options_that_do_not_fit_stop_in_one_line() -> None:
-    with pytest.raises(ConfigError, match="network_options .* do not fit network 'bn_cnn'"):
-        FashionMNISTClassifier("bn_cnn", network_options={"depth": 5})
-    with pytest.raises(ConfigError, match="ema_decay"):
-        FashionMNISTClassifier("bn_cnn", ema_decay=1.0)
 
 
 @pytest.mark.integration

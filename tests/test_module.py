@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pydantic
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist_pl.errors import ConfigError
+from fmnist_pl.errors import ConfigError, one_line
 from fmnist_pl.module import FashionMNISTClassifier
 
 
@@ -54,18 +55,18 @@ def test_flip_tta_averages_the_plain_and_mirrored_probabilities() -> None:
 def test_test_metrics_with_tta_keep_the_accuracy_without_it() -> None:
     torch.manual_seed(0)
     module = FashionMNISTClassifier(network="cnn", test_time_flip=True).eval()
-    module.log = lambda *args, **kwargs: None  # no Trainer to log to
+    logged = {}
+    module.log = lambda name, metric, **kwargs: logged.update({name: metric})  # no Trainer: keep what is logged
     images, labels = batch(40)
     with torch.no_grad():
         module.evaluation_step((images, labels), "test")
         plain_correct = (module(images).argmax(1) == labels).float().mean().item()
         _, probabilities = module.class_probabilities(images)
-    module._finish_evaluation_epoch("test")
-    results = module.epoch_results["test"]
-    assert results["accuracy_without_flip"] == pytest.approx(plain_correct)
-    assert results["accuracy"] == pytest.approx((probabilities.argmax(1) == labels).float().mean().item())
-    assert results["confusion"].sum() == 40
-    assert results["loss"] == pytest.approx(F.cross_entropy(module(images), labels).item(), rel=1e-5)
+    results = {name: metric.compute().item() for name, metric in logged.items()}
+    assert results["test/acc_without_flip"] == pytest.approx(plain_correct)
+    assert results["test/acc"] == pytest.approx((probabilities.argmax(1) == labels).float().mean().item())
+    assert module.confusion_matrix("test").sum() == 40
+    assert results["test/loss"] == pytest.approx(F.cross_entropy(module(images), labels).item(), rel=1e-5)
 
 
 def test_adamw_decays_weights_but_not_biases_or_batchnorm() -> None:
@@ -91,11 +92,21 @@ def test_sgd_is_nesterov() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"weight_decay": -1.0}, "weight_decay must be ≥ 0"),
-        ({"warmup_fraction": 1.0}, "warmup_fraction"),
-        ({"network": "resnet"}, "choose one of dense, cnn, bn_cnn"),
+        ({"network": "resnet"}, "network: Input should be 'dense', 'cnn' or 'bn_cnn' (given 'resnet')"),
+        ({"learning_rate": 0.0}, "learning_rate: Input should be greater than 0 (given 0.0)"),
+        ({"l2_penalty": -1.0}, "l2_penalty: Input should be greater than or equal to 0 (given -1.0)"),
+        ({"weight_decay": -1.0}, "weight_decay: Input should be greater than or equal to 0 (given -1.0)"),
+        ({"warmup_fraction": 1.0}, "warmup_fraction: Input should be less than 1 (given 1.0)"),
+        ({"label_smoothing": 1.0}, "label_smoothing: Input should be less than 1 (given 1.0)"),
+        ({"ema_decay": 1.0}, "ema_decay: Input should be less than 1 (given 1.0)"),
+        (
+            {"network": "bn_cnn", "network_options": {"depth": 5}},
+            "model.network_options {'depth': 5} do not fit network 'bn_cnn': BatchNormCNN.__init__() got an unexpected keyword argument 'depth'",
+        ),
     ],
 )
-def test_bad_options_are_rejected(kwargs: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+def test_bad_options_are_rejected_in_one_line(kwargs: dict, message: str) -> None:
+    # The types hold the constraints, for Python callers as for the CLI; errors.one_line is what the CLI prints.
+    with pytest.raises((pydantic.ValidationError, ConfigError)) as error:
         FashionMNISTClassifier(**kwargs)
+    assert one_line(error.value) == message

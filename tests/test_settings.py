@@ -13,7 +13,7 @@ import pytest
 from fmnist_pl import layout
 from fmnist_pl.configs import packaged_configs, profile_config
 from fmnist_pl.networks import NETWORKS
-from fmnist_pl.pipeline import command, flow, processes, scheduling, step_cache
+from fmnist_pl.pipeline import command, flow, processes, scheduling, step_cache, tasks
 from fmnist_pl.pipeline.settings import PipelineSettings, add_settings_arguments
 
 
@@ -41,19 +41,32 @@ def test_flow_command_line_builds_the_settings(tiny_data: Path, tmp_path: Path) 
         command.parse_args(["--models", "resnet"])
 
 
-def test_settings_become_the_cli_options_of_each_step() -> None:
+def test_settings_become_the_fit_options_of_a_training() -> None:
     settings = PipelineSettings(epochs=3, seeds=[7, 8], require_official=False, data_dir="/data")
-    assert settings.cli_options() == [
+    assert tasks.fit_options(settings) == [
         "--trainer.max_epochs=3",
         "--trainer.accelerator=auto",
         "--trainer.devices=auto",
         "--trainer.strategy=auto",
         "--trainer.num_nodes=1",
-        "--data.data_dir=/data",
         "--data.require_official=false",
-    ]  # each step adds its own --seed_everything
-    assert "--trainer.devices=1" in settings.cli_options(devices=1)
-    assert not any(o.startswith("--data.data_dir") for o in settings.cli_options(data_dir=None))
+    ]  # None settings (batch size, val size) leave the config's values; the step adds the data's folder and seed
+
+
+def test_an_evaluation_is_passed_only_the_options_it_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commands = []
+    monkeypatch.setattr(tasks, "run_step_command", lambda command, log, **kwargs: commands.append(command))
+    monkeypatch.setattr(tasks, "mark_finished", lambda work, result, outputs: result)
+    monkeypatch.setattr(tasks, "get_run_logger", lambda: SimpleNamespace(info=print))
+    train_dir = tmp_path / "train-cnn-seed0-key"
+    (train_dir / "checkpoints").mkdir(parents=True)
+    (train_dir / "checkpoints" / "best.ckpt").write_bytes(b"weights")
+    settings = PipelineSettings(epochs=3, batch_size=64, val_size=100, devices="2", strategy="ddp", data_dir="/d")
+    data = {"source_dir": "/d", "sha256": {"decoded": "x"}}
+    tasks.evaluate_model.fn("cnn", 0, {"dir": str(train_dir)}, settings, data, str(tmp_path))
+    (command,) = commands
+    assert command[0] == "evaluate" and "--data.val_size=100" in command and "--trainer.devices=1" in command
+    assert not any(o.startswith(("--trainer.max_epochs", "--data.batch_size", "--trainer.strategy")) for o in command)
 
 
 def test_default_networks_are_those_the_profile_has_configs_for() -> None:
@@ -90,8 +103,13 @@ def test_a_profile_without_a_config_for_a_network_is_one_clear_error() -> None:
 
 
 def test_step_keys_change_with_what_decides_the_result_only(tmp_path: Path) -> None:
-    key = step_cache.training_key  # the function the training task calls
     data = {"sha256": {"train-images-idx3-ubyte": "a", "decoded": "b"}}
+
+    def key(network: str, seed: int, settings: PipelineSettings, data: dict, threads: int) -> str:
+        # As the training task calls it.
+        config = settings.config_file(network)
+        return step_cache.training_key(network, seed, config, tasks.fit_options(settings), data, threads)
+
     base = key("bn_cnn", 0, PipelineSettings(), data, 2)
     assert base == key("bn_cnn", 0, PipelineSettings(train_launcher="srun"), data, 2)  # how, not what
     assert base == key("bn_cnn", 0, PipelineSettings(data_dir="/elsewhere"), data, 2)  # the checksums stand in

@@ -1,8 +1,8 @@
 """The pipeline's settings, declared once: the flow's parameter (a form in the Prefect UI), the command-line
-options of `flows/full_pipeline.py`, the deployment's defaults and the `fmnist-pl` options each step passes.
+options of `flows/full_pipeline.py` (built from the fields here) and the deployment's defaults.
 
-A new option is one field here. A field whose metadata names a `cli` option is passed to every training and
-evaluation command (when not None); the rest steer the pipeline itself.
+A new option is one field here; the step that uses it passes it on as the `fmnist-pl` option it becomes, where
+that step's command is built (tasks.py).
 """
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ NetworkName = Literal[tuple(NETWORKS)]  # type: ignore[valid-type]  # the regist
 ProfileName = Literal[PROFILES]  # type: ignore[valid-type]
 
 
-def cli(option: str) -> dict:
-    """Field metadata: the `fmnist-pl` option that carries this setting to training and evaluation."""
-    return {"json_schema_extra": {"cli": option}}
-
-
 class PipelineSettings(BaseModel):
     """What one pipeline run trains and how; None means the profile's config decides."""
 
@@ -38,26 +33,17 @@ class PipelineSettings(BaseModel):
         None, description="networks to train (default: every network the profile has a config for)"
     )
     profile: ProfileName = Field("fast", description="fast (default) or reference (the study's settings)")
-    epochs: int | None = Field(
-        None, ge=1, description="training epochs (default: the profile's)", **cli("--trainer.max_epochs")
-    )
-    batch_size: int | None = Field(
-        None, ge=1, description="training batch size per device (default: the profile's)", **cli("--data.batch_size")
-    )
+    epochs: int | None = Field(None, ge=1, description="training epochs (default: the profile's)")
+    batch_size: int | None = Field(None, ge=1, description="training batch size per device (default: the profile's)")
     val_size: int | None = Field(
         None,
         ge=1,
         description="validation images, the first of the training set (default 5000)",
-        **cli("--data.val_size"),
     )
-    accelerator: str = Field("auto", description="cpu, gpu, mps, auto (default)", **cli("--trainer.accelerator"))
-    devices: str = Field(
-        "auto", description="devices per node: a number, or auto (default)", **cli("--trainer.devices")
-    )
-    strategy: str = Field(
-        "auto", description="Lightning strategy, e.g. ddp (default: auto)", **cli("--trainer.strategy")
-    )
-    num_nodes: int = Field(1, ge=1, description="nodes for multi-node DDP (default 1)", **cli("--trainer.num_nodes"))
+    accelerator: str = Field("auto", description="cpu, gpu, mps, auto (default)")
+    devices: str = Field("auto", description="devices per node: a number, or auto (default)")
+    strategy: str = Field("auto", description="Lightning strategy, e.g. ddp (default: auto)")
+    num_nodes: int = Field(1, ge=1, description="nodes for multi-node DDP (default 1)")
     train_launcher: str | None = Field(
         None,
         description="command that starts training once per task, e.g. 'srun' in a SLURM allocation for --num-nodes > 1",
@@ -72,13 +58,11 @@ class PipelineSettings(BaseModel):
         None,
         description="folder with the Fashion-MNIST IDX files (default: "
         "$FMNIST_DATA_DIR, a local copy, or the official download)",
-        **cli("--data.data_dir"),
     )
     output_dir: str = Field("outputs", description="where runs and cached steps go (default outputs)")
     require_official: bool = Field(
         True,
         description="check the files against the official release (off: your own or test data)",
-        **cli("--data.require_official"),
     )
 
     @field_validator("seeds")
@@ -122,16 +106,11 @@ class PipelineSettings(BaseModel):
         """The networks this run trains: those asked for, else every one the profile has a config for."""
         return list(self.models or [n for n in NETWORKS if profile_config(self.profile, n)])
 
-    def cli_options(self, **overrides: object) -> list[str]:
-        """The `fmnist-pl` options that carry these settings (`overrides` replace values, e.g. devices=1)."""
-        values = {**self.model_dump(), **overrides}
-        options = []
-        for name, info in type(self).model_fields.items():
-            option = (info.json_schema_extra or {}).get("cli")
-            value = values[name]
-            if option and value is not None:
-                options.append(f"{option}={str(value).lower() if isinstance(value, bool) else value}")
-        return options
+
+def options(*pairs: tuple[str, object]) -> list[str]:
+    """`--option=value` for each (option, value) pair whose value is not None (a None setting leaves the config's
+    value); booleans as jsonargparse reads them."""
+    return [f"{o}={str(v).lower() if isinstance(v, bool) else v}" for o, v in pairs if v is not None]
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseModel] = PipelineSettings) -> None:

@@ -27,7 +27,6 @@ from fmnist_pl.errors import ConfigError
 from fmnist_pl.io import file_sha256, write_text_atomic
 from fmnist_pl.module import read_checkpoint
 from fmnist_pl.pipeline.processes import run_logger, stopping
-from fmnist_pl.pipeline.settings import PipelineSettings
 
 
 def step_key(**inputs: object) -> str:
@@ -35,18 +34,18 @@ def step_key(**inputs: object) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def training_key(network: str, seed: int, settings: PipelineSettings, data: dict, threads: int | None) -> str:
-    """A training step's cache key: what decides its result. The options (less the data's folder: its checksums
-    stand in), the seed, the config's text, the code's version and the CPU threads (they change a convolution's
-    sums). The launcher changes how, not what."""
+def training_key(network: str, seed: int, config: Path, fit_options: list[str], data: dict, threads: int | None) -> str:
+    """A training step's cache key: what decides its result. The `fit` options (less the data's folder: its
+    checksums stand in), the seed, the config's text, the code's version and the CPU threads (they change a
+    convolution's sums). The launcher changes how, not what."""
     return step_key(
         step="train",
         network=network,
         seed=seed,
-        config=settings.config_file(network).read_text(),
+        config=config.read_text(),
         data=data["sha256"],
         version=__version__,
-        options=settings.cli_options(data_dir=None),
+        options=fit_options,
         threads=threads,
     )
 

@@ -21,7 +21,7 @@ from fmnist_pl.fashion_mnist import load_dataset
 from fmnist_pl.io import naming_place, place_error
 from fmnist_pl.pipeline.processes import BadInputError, log_into, run_step_command, stopping
 from fmnist_pl.pipeline.scheduling import training_queue
-from fmnist_pl.pipeline.settings import PipelineSettings
+from fmnist_pl.pipeline.settings import PipelineSettings, options
 from fmnist_pl.pipeline.step_cache import (
     evaluation_key,
     export_key,
@@ -67,6 +67,20 @@ def download_data(data_dir: str | None, require_official: bool) -> dict:
     }
 
 
+def fit_options(settings: PipelineSettings) -> list[str]:
+    """The `fmnist-pl fit` options a training step's settings become (its cache key holds them too)."""
+    return options(
+        ("--trainer.max_epochs", settings.epochs),
+        ("--data.batch_size", settings.batch_size),
+        ("--data.val_size", settings.val_size),
+        ("--trainer.accelerator", settings.accelerator),
+        ("--trainer.devices", settings.devices),
+        ("--trainer.strategy", settings.strategy),
+        ("--trainer.num_nodes", settings.num_nodes),
+        ("--data.require_official", settings.require_official),
+    )
+
+
 def step_task(run_name: str, backoff_seconds: float) -> Callable[[Callable], Task]:
     """A training or evaluation task: retried twice, after `backoff_seconds` then more, unless a retry cannot help."""
     return task(
@@ -92,7 +106,8 @@ def train_model(
     Trainings start in `ticket` order within a budget of `budget` threads (scheduling.py)."""
     queue = training_queue(str(flow_run.id), budget)
     logger = get_run_logger()
-    key = training_key(network, seed, settings, data, threads)
+    fit = fit_options(settings)
+    key = training_key(network, seed, settings.config_file(network), fit, data, threads)
     work = layout.TrainingFolder(layout.step_folder(Path(steps_dir), "train", network, seed, key))
     what = f"{network} seed {seed} training"
     outputs = [work.best_checkpoint, work.last_checkpoint, work.history]
@@ -114,7 +129,8 @@ def train_model(
                 [
                     "fit",
                     f"--config={settings.config_file(network)}",
-                    *settings.cli_options(data_dir=data["source_dir"]),
+                    *fit,
+                    f"--data.data_dir={data['source_dir']}",
                     f"--seed_everything={seed}",
                     *log_into(work.path),
                     "--trainer.enable_progress_bar=false",
@@ -162,7 +178,14 @@ def evaluate_model(
                 "evaluate",
                 f"--config={settings.config_file(network)}",
                 f"--ckpt_path={best}",
-                *settings.cli_options(data_dir=data["source_dir"], devices=1, strategy="auto", num_nodes=1),
+                # What decides a test result besides the checkpoint: the data, its split, the accelerator; on one
+                # device, since DDP would pad the test set to a multiple of the ranks.
+                f"--data.data_dir={data['source_dir']}",
+                *options(
+                    ("--data.val_size", settings.val_size), ("--data.require_official", settings.require_official)
+                ),
+                f"--trainer.accelerator={settings.accelerator}",
+                "--trainer.devices=1",
                 f"--seed_everything={seed}",
                 f"--predict_splits=[{'train' if training_split else ''}]",
                 *log_into(work.path),
@@ -206,7 +229,7 @@ def export_model(
                 f"--ckpt_path={best}",
                 f"--output_dir={work}",
                 f"--data.data_dir={data['source_dir']}",
-                f"--data.require_official={str(settings.require_official).lower()}",
+                *options(("--data.require_official", settings.require_official)),
             ],
             log,
         )
