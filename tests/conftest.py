@@ -6,9 +6,13 @@ import gzip
 import struct
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from fmnist_pl.pipeline.settings import PipelineSettings
 
 N_TRAIN, N_TEST = 640, 101  # 101: odd and prime, so no device count divides the test set evenly
 
@@ -124,6 +128,49 @@ def pipeline(prefect_api: str):
     from fmnist_pl.pipeline import flow
 
     return flow
+
+
+def tiny_settings(data: Path, out: Path, **overrides: object) -> PipelineSettings:
+    """Pipeline settings for a fast CPU run on the tiny dataset (2 epochs of every network, seed 0)."""
+    from fmnist_pl.pipeline.settings import PipelineSettings
+
+    base = {
+        "data_dir": str(data),
+        "require_official": False,
+        "val_size": 100,
+        "epochs": 2,
+        "accelerator": "cpu",
+        "output_dir": str(out),
+    }
+    return PipelineSettings(**{**base, **overrides})
+
+
+TINY_RUN_SEEDS = [0, 1]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one real pipeline run the flow, report and step-reuse tests share: every network, seeds 0 and 1, on
+    the tiny data (`<root>/fmnist`), into `<root>/outputs`; returns its run folder. Read it, or rerun its settings
+    (`tiny_run_settings`), which reuses every step; to change its files, work on a copy (`copy_of_tiny_run`)."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    data = write_idx_dir(root / "fmnist")
+    return Path(pipeline.full_pipeline(tiny_settings(data, root / "outputs", seeds=TINY_RUN_SEEDS)))
+
+
+def tiny_run_settings(run: Path, out: Path | None = None, **overrides: object) -> PipelineSettings:
+    """The shared run's settings, into `out` (default: its own output folder). A subset of its networks and seeds
+    reuses its steps: a step's key never depends on which other networks or seeds a run trains."""
+    return tiny_settings(run.parent.parent / "fmnist", out or run.parent, **{"seeds": TINY_RUN_SEEDS, **overrides})
+
+
+def copy_of_tiny_run(run: Path, destination: Path) -> Path:
+    """A copy of the shared run's whole output folder (`cp -a`: links stay links), for a test that changes files;
+    returns the output folder."""
+    import shutil
+
+    shutil.copytree(run.parent, destination, symlinks=True)
+    return destination
 
 
 def write_fake_run(root: Path, accuracies: dict[str, float], seeds: tuple[int, ...] = (0,)) -> Path:

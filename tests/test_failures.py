@@ -19,14 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import FLOW_FILE, N_TEST, tiny_args
+from conftest import FLOW_FILE, N_TEST, copy_of_tiny_run, tiny_args, tiny_run_settings, tiny_settings
 
 from fmnist_pl.cli import main
 from fmnist_pl.configs import profile_config
 from fmnist_pl.io import PlaceError
 from fmnist_pl.networks import NETWORKS
 from fmnist_pl.pipeline import command, processes, run_record, step_cache, tasks
-from fmnist_pl.pipeline.settings import PipelineSettings
 
 
 def cli_error(capsys: pytest.CaptureFixture, *args: str) -> list[str]:
@@ -273,19 +272,6 @@ def test_a_step_folder_has_one_owner_at_a_time_and_a_dead_owner_frees_it(tmp_pat
 # ---- the pipeline: permanent errors not retried, damaged checkpoints recovered, concurrent runs, kills -------------
 
 
-def tiny_settings(data: Path, out: Path, **overrides) -> PipelineSettings:
-    base = {
-        "data_dir": str(data),
-        "require_official": False,
-        "val_size": 100,
-        "epochs": 1,
-        "accelerator": "cpu",
-        "output_dir": str(out),
-        "models": ["dense"],
-    }
-    return PipelineSettings(**{**base, **overrides})
-
-
 def test_damaged_data_files_stop_the_pipeline_before_it_starts(tiny_data: Path, capsys: pytest.CaptureFixture) -> None:
     (tiny_data / "t10k-labels-idx1-ubyte.gz").write_bytes(os.urandom(300))
     with pytest.raises(SystemExit) as exit_:
@@ -316,7 +302,7 @@ def test_bad_data_is_not_retried(pipeline, tmp_path: Path, monkeypatch: pytest.M
     real_load = tasks.load_dataset
     monkeypatch.setattr(tasks, "load_dataset", lambda *a, **k: calls.append(1) or real_load(*a, **k))
     with pytest.raises(DataError, match="cannot be read"):
-        pipeline.full_pipeline(tiny_settings(garbage, tmp_path / "out"))
+        pipeline.full_pipeline(tiny_settings(garbage, tmp_path / "out", models=["dense"], epochs=1))
     assert len(calls) == 1  # permanent: one attempt, no waits
     assert not (tmp_path / "out" / "latest").exists()  # `latest` only ever points at a completed run
 
@@ -336,20 +322,21 @@ def test_a_failed_download_is_retried_twice_then_stops_in_one_line(
     monkeypatch.setattr(tasks, "load_dataset", offline)
     monkeypatch.setattr(pipeline, "download_data", pipeline.download_data.with_options(retry_delay_seconds=0))
     with pytest.raises(DownloadError, match="could not download"):
-        pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path))
+        pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, models=["dense"], epochs=1))
     assert len(calls) == 3  # transient: the first try and two retries
 
 
 @pytest.mark.integration
 def test_a_damaged_last_checkpoint_in_a_step_folder_is_set_aside_and_training_restarts(
-    pipeline, tiny_data: Path, tmp_path: Path
+    pipeline, tiny_run: Path, tmp_path: Path
 ) -> None:
-    run = Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, epochs=2)))
-    step = (run / "dense" / "seed-0" / "train").resolve()
+    out = copy_of_tiny_run(tiny_run, tmp_path / "outputs")
+    settings = tiny_run_settings(tiny_run, out, models=["dense"], seeds=[0])
+    step = (out / tiny_run.name / "dense" / "seed-0" / "train").resolve()
     (step / "done.json").unlink()  # as if the run had been killed after its last epoch
     last = step / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:4000])  # and the checkpoint cut short
-    again = Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, epochs=2)))
+    again = Path(pipeline.full_pipeline(settings))
     assert json.loads((again / "run.json").read_text())["status"] == "completed"
     assert len(list(step.glob("checkpoints/last.ckpt.damaged-*"))) == 1
     assert list(pd.read_csv(step / "history.csv")["epoch"]) == [0, 1]  # retrained whole, history intact
@@ -452,8 +439,10 @@ def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
     assert output.strip().splitlines()[-1].startswith("fmnist-pl pipeline stopped; run the same command again")
 
+    if how == "Ctrl-C":
+        return  # how a stopped run resumes is the same after either signal: checked once, after `kill PID`
     # The next run resumes the interrupted training; its history is continuous.
-    run = Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, epochs=40)))
+    run = Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, models=["dense"], epochs=40)))
     assert json.loads((run / "run.json").read_text())["steps"]["train-dense-seed0"]["resumed"] is True
     assert list(pd.read_csv(run / "dense" / "seed-0" / "train" / "history.csv")["epoch"]) == list(range(40))
     assert (tmp_path / "latest").resolve() == run.resolve()
@@ -759,7 +748,7 @@ def test_a_full_disk_fails_the_pipeline_in_one_line_without_retries(
     full = mount("full", "size=2m")  # room for the run folder and logs, not for the dense net's 27 MB checkpoint
     started = time.perf_counter()
     with pytest.raises(Exception, match="no space left on the device") as error:
-        pipeline.full_pipeline(tiny_settings(tiny_data, full))
+        pipeline.full_pipeline(tiny_settings(tiny_data, full, models=["dense"], epochs=1))
     assert f"{full}/steps/train-dense-seed0-" in str(error.value).split("cannot write there")[0]  # names the folder
     assert isinstance(error.value, (processes.BadInputError, PlaceError))  # permanent: exit 2, not retried
     (log,) = full.glob("steps/train-dense-*/train.log")

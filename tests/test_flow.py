@@ -12,25 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import FLOW_FILE
+from conftest import FLOW_FILE, TINY_RUN_SEEDS, copy_of_tiny_run, tiny_run_settings, tiny_settings
 
 from fmnist_pl.networks import NETWORKS
 from fmnist_pl.pipeline import tasks
-from fmnist_pl.pipeline.settings import PipelineSettings
 
 pytestmark = pytest.mark.integration  # real fits, a Prefect server, subprocesses
-
-
-def tiny_flow_args(data: Path, out: Path, **overrides) -> PipelineSettings:
-    settings = {
-        "data_dir": str(data),
-        "require_official": False,
-        "val_size": 100,
-        "epochs": 2,
-        "accelerator": "cpu",
-        "output_dir": str(out),
-    }
-    return PipelineSettings(**{**settings, **overrides})
 
 
 def cli_flow_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -51,13 +38,12 @@ def cli_flow_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_whole_flow_trains_every_network_per_seed_writes_the_report_and_artifacts_then_reuses_every_step(
-    pipeline, tiny_data: Path, tmp_path: Path
+    pipeline, tiny_run: Path
 ) -> None:
-    run_dir = Path(pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path, seeds=[0, 1])))
+    run_dir, tmp_path = tiny_run, tiny_run.parent  # the shared run: every network, seeds 0 and 1
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["status"] == "completed" and record["seeds"] == [0, 1]
+    assert record["status"] == "completed" and record["seeds"] == TINY_RUN_SEEDS == [0, 1]
     assert record["networks"] == list(NETWORKS)  # the default: every registered network
-    assert (tmp_path / "latest").resolve() == run_dir.resolve()
     report = (run_dir / "report.md").read_text()
     assert [line for line in report.splitlines() if line.startswith("## ")][1:4] == [f"## {n}" for n in NETWORKS]
     trainings = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "steps").glob("train-*"))
@@ -94,7 +80,7 @@ def test_whole_flow_trains_every_network_per_seed_writes_the_report_and_artifact
 
     checkpoint = run_dir / "cnn" / "seed-1" / "train" / "checkpoints" / "best.ckpt"
     written = checkpoint.stat().st_mtime_ns
-    again = Path(pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path, seeds=[0, 1])))
+    again = Path(pipeline.full_pipeline(tiny_run_settings(tiny_run)))
     assert again != run_dir and (run_dir / "report.md").read_text() == report  # the earlier run is untouched
     steps = json.loads((again / "run.json").read_text())["steps"]
     assert all(
@@ -106,7 +92,7 @@ def test_whole_flow_trains_every_network_per_seed_writes_the_report_and_artifact
 
 
 def test_download_that_fails_once_succeeds_on_retry(
-    pipeline, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pipeline, tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
     real_load = tasks.load_dataset
@@ -119,14 +105,16 @@ def test_download_that_fails_once_succeeds_on_retry(
 
     monkeypatch.setattr(tasks, "load_dataset", flaky_load)
     monkeypatch.setattr(pipeline, "download_data", pipeline.download_data.with_options(retry_delay_seconds=0))
-    run_dir = Path(pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path, models=["cnn"], epochs=1)))
+    # Into a copy of the shared run's outputs: the download always runs, every other step is reused.
+    out = copy_of_tiny_run(tiny_run, tmp_path / "outputs")
+    run_dir = Path(pipeline.full_pipeline(tiny_run_settings(tiny_run, out, models=["cnn"], seeds=[0])))
     assert len(calls) == 2
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
 
 
 def test_failed_step_is_recorded_with_its_reason(pipeline, tiny_data: Path, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="fit"):
-        pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path, models=["cnn"], val_size=5000))
+        pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, models=["cnn"], val_size=5000))
     (record_file,) = tmp_path.glob("2*/run.json")
     record = json.loads(record_file.read_text())
     assert record["status"] == "failed" and record["failed_step"] == "train-cnn-seed0"
@@ -166,7 +154,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(
     finished_before_kill = len(pd.read_csv(history))
     assert finished_before_kill < epochs, "training finished before it could be killed"
 
-    run_dir = Path(pipeline.full_pipeline(tiny_flow_args(tiny_data, tmp_path, models=["dense"], epochs=epochs)))
+    run_dir = Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, models=["dense"], epochs=epochs)))
     train = json.loads((run_dir / "run.json").read_text())["steps"]["train-dense-seed0"]
     assert train["resumed"] is True
     resumed = pd.read_csv(run_dir / "dense" / "seed-0" / "train" / "history.csv")

@@ -15,7 +15,6 @@ from conftest import write_fake_run
 
 from fmnist_pl.cli import main
 from fmnist_pl.networks import NETWORKS
-from fmnist_pl.pipeline.settings import PipelineSettings
 from fmnist_pl.report import build_report
 from fmnist_pl.report.build import summarize
 from fmnist_pl.report.collect import collect_run
@@ -30,25 +29,12 @@ from fmnist_pl.report.statistics import (
 from fmnist_pl.report.study import STUDY
 
 
-@pytest.fixture(scope="module")
-def finished_run(pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real pipeline run on tiny data, shared by the report tests."""
-    from conftest import write_idx_dir
-
-    root = tmp_path_factory.mktemp("report")
-    data = write_idx_dir(root / "data")
-    settings = PipelineSettings(
-        data_dir=str(data),
-        require_official=False,
-        val_size=100,
-        epochs=2,
-        accelerator="cpu",
-        output_dir=str(root / "outputs"),
-    )
-    return Path(pipeline.full_pipeline(settings))
+@pytest.fixture
+def finished_run(tiny_run: Path) -> Path:
+    """The suite's shared real pipeline run on tiny data (conftest.tiny_run); these tests only read it."""
+    return tiny_run
 
 
-@pytest.mark.integration
 def test_report_has_every_section_and_image(finished_run: Path) -> None:
     report = (finished_run / "report.md").read_text()
     for heading in (

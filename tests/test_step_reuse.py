@@ -8,21 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import copy_of_tiny_run, tiny_run_settings
 
 from fmnist_pl.pipeline import step_cache
-from fmnist_pl.pipeline.settings import PipelineSettings
-
-
-def tiny_settings(data: Path, out: Path) -> PipelineSettings:
-    return PipelineSettings(
-        data_dir=str(data),
-        require_official=False,
-        val_size=100,
-        epochs=1,
-        accelerator="cpu",
-        output_dir=str(out),
-        models=["cnn"],
-    )
 
 
 def finished_step(tmp_path: Path) -> tuple[Path, list[Path]]:
@@ -94,15 +82,14 @@ def evaluation_command(step: Path) -> str:
 
 
 @pytest.mark.integration
-def test_a_moved_or_copied_output_folder_uses_its_own_files(pipeline, tiny_data: Path, tmp_path: Path) -> None:
-    original = tmp_path / "outputs"
-    pipeline.full_pipeline(tiny_settings(tiny_data, original))
+def test_a_moved_or_copied_output_folder_uses_its_own_files(pipeline, tiny_run: Path, tmp_path: Path) -> None:
+    original = copy_of_tiny_run(tiny_run, tmp_path / "outputs")  # a real run's outputs, at a path of this test's
     shutil.copytree(original, tmp_path / "copy", symlinks=True)  # cp -a
     shutil.move(original, tmp_path / "moved")  # and the original's path is gone: nothing may read it
     for folder in (tmp_path / "copy", tmp_path / "moved"):
         (evaluation,) = folder.glob("steps/evaluate-cnn-seed0-*")
         shutil.rmtree(evaluation)
-        run = Path(pipeline.full_pipeline(tiny_settings(tiny_data, folder)))
+        run = Path(pipeline.full_pipeline(tiny_run_settings(tiny_run, folder, models=["cnn"], seeds=[0])))
         record = json.loads((run / "run.json").read_text())
         assert record["status"] == "completed" and record["steps"]["train-cnn-seed0"]["cached"] is True
         assert record["steps"]["evaluate-cnn-seed0"]["cached"] is False
@@ -115,11 +102,12 @@ def test_a_moved_or_copied_output_folder_uses_its_own_files(pipeline, tiny_data:
 
 
 @pytest.mark.integration
-def test_a_finished_training_whose_checkpoint_is_gone_trains_again(pipeline, tiny_data: Path, tmp_path: Path) -> None:
-    run = Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path)))
-    training = (run / "cnn" / "seed-0" / "train").resolve()
+def test_a_finished_training_whose_checkpoint_is_gone_trains_again(pipeline, tiny_run: Path, tmp_path: Path) -> None:
+    out = copy_of_tiny_run(tiny_run, tmp_path / "outputs")
+    settings = tiny_run_settings(tiny_run, out, models=["cnn"], seeds=[0])
+    training = (out / tiny_run.name / "cnn" / "seed-0" / "train").resolve()
     (training / "checkpoints" / "best.ckpt").unlink()
-    again = Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path)))
+    again = Path(pipeline.full_pipeline(settings))
     record = json.loads((again / "run.json").read_text())
     assert record["status"] == "completed" and record["steps"]["train-cnn-seed0"]["cached"] is False
     assert (training / "checkpoints" / "best.ckpt").is_file() and len(list(training.glob("done.json.stale-*"))) == 1
