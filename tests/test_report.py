@@ -35,6 +35,7 @@ def finished_run(tiny_run: Path) -> Path:
     return tiny_run
 
 
+@pytest.mark.integration
 def test_report_has_every_section_and_image(finished_run: Path) -> None:
     report = (finished_run / "report.md").read_text()
     for heading in (
