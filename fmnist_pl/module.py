@@ -19,7 +19,7 @@ from pydantic import validate_call
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from fmnist_pl.errors import ConfigError, TrainingDiverged
+from fmnist_pl.errors import ConfigError, TrainingDiverged, first_line
 from fmnist_pl.networks import NETWORKS
 
 NetworkName = Literal[tuple(NETWORKS)]  # type: ignore[valid-type]  # the registry's names: `fit --help` lists them
@@ -43,7 +43,7 @@ def read_checkpoint(path: str | Path) -> dict:
         NETWORKS[network](**(checkpoint["hyper_parameters"].get("network_options") or {})).load_state_dict(weights)
     except (RuntimeError, TypeError) as e:  # TypeError: options the current network no longer takes
         raise ConfigError(
-            f"checkpoint {path}: its weights do not fit the current {network!r} architecture ({str(e).splitlines()[0]})"
+            f"checkpoint {path}: its weights do not fit the current {network!r} architecture ({first_line(e)})"
         ) from e
     return checkpoint
 

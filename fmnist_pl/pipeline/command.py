@@ -8,7 +8,7 @@ import os
 
 import pydantic
 
-from fmnist_pl.errors import ConfigError, DataError
+from fmnist_pl.errors import ConfigError, DataError, one_line
 from fmnist_pl.fashion_mnist import (
     DATA_DIR_ENV,
     check_download_reachable,
@@ -54,19 +54,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Pipel
         # Missing, truncated or damaged files and --val-size, not after Prefect has started; a served deployment
         # downloads when its runs come, so only a run now needs a network now.
         check_data(settings, needs_network_now=args.command == "run")
-    except pydantic.ValidationError as e:
-        parser.error(
-            "; ".join(f"--{str(err['loc'][0]).replace('_', '-')}: {validation_message(err)}" for err in e.errors())
-        )
+    except pydantic.ValidationError as e:  # named by this command's own options: --val-size, not val_size
+        parser.error(one_line(e, field_name=lambda loc: "--" + str(loc[0]).replace("_", "-")))
     except (ConfigError, DataError, PlaceError) as e:
         parser.error(str(e))
     return args, settings
-
-
-def validation_message(error: dict) -> str:
-    """A pydantic error's message; for a validator's own error, its own words (without pydantic's "Value error, ")."""
-    own = (error.get("ctx") or {}).get("error")
-    return str(own) if error["type"] == "value_error" and own else error["msg"]
 
 
 def check_data(settings: PipelineSettings, needs_network_now: bool = True) -> None:
