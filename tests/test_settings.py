@@ -190,7 +190,7 @@ def test_the_flow_gives_a_network_the_same_threads_whatever_else_it_trains(
     def plan_training(network, seed, settings, data, steps_dir, threads, budget, ticket):
         planned.setdefault((network, seed), set()).add((threads, budget))
 
-    def stop(*args):
+    def stop(*args, **kwargs):
         raise RuntimeError("planned")
 
     monkeypatch.setattr(processes, "STOPPING", threading.Event())  # the flow's stop path sets it: keep it to this test

@@ -18,6 +18,7 @@ from fmnist_pl.fashion_mnist import (
     locate_dataset,
 )
 from fmnist_pl.io import PlaceError, check_writable
+from fmnist_pl.pipeline.cluster import check_cluster_reachable
 from fmnist_pl.pipeline.settings import PipelineSettings, add_settings_arguments
 
 
@@ -54,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Pipel
         # Missing, truncated or damaged files and --val-size, not after Prefect has started; a served deployment
         # downloads when its runs come, so only a run now needs a network now.
         check_data(settings, needs_network_now=args.command == "run")
+        if settings.dask_address and args.command == "run":
+            check_cluster_reachable(settings.dask_address)
     except pydantic.ValidationError as e:  # named by this command's own options: --val-size, not val_size
         parser.error(one_line(e, field_name=lambda loc: "--" + str(loc[0]).replace("_", "-")))
     except (ConfigError, DataError, PlaceError) as e:

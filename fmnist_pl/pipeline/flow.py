@@ -2,13 +2,16 @@
 
 # No `from __future__ import annotations`: Prefect builds the flow's parameter model from the real annotations,
 # and a served run cannot resolve them from strings.
+import contextlib
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
 from fmnist_pl import layout
-from fmnist_pl.pipeline.processes import begin_run, stop_children
+from fmnist_pl.errors import ConfigError
+from fmnist_pl.pipeline.cluster import StepRunner, step_runner
+from fmnist_pl.pipeline.processes import begin_run
 from fmnist_pl.pipeline.run_record import CURRENT, RunRecord, link, mark_dead_runs, new_run_dir, point_latest_at
 from fmnist_pl.pipeline.scheduling import cpu_schedule
 from fmnist_pl.pipeline.settings import PipelineSettings
@@ -30,6 +33,7 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
         run, networks=list(configs), seeds=settings.seeds, settings=settings.model_dump(), configs=configs
     )
     print(f"fmnist-pl pipeline: run folder {run.path}")
+    stack = contextlib.ExitStack()
 
     def finish(step: str, future: PrefectFuture) -> dict:
         """The step's result, recording in run.json which step failed and why if it did."""
@@ -41,18 +45,44 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
         record.step_done(step, result)
         return result
 
+    steps = StepRunner()
     try:
         data = finish("download", download_data.submit(settings.data_dir, settings.require_official))
-        # Costliest network first within each seed: the longest training starts first and sets the pace.
-        networks, budget, threads = cpu_schedule(settings)
+        steps = stack.enter_context(step_runner(settings.dask_address, settings.dask_workers))
+        steps.check_workers(output, data["source_dir"])
+        # Costliest network first within each seed: the longest training starts first and sets the pace. On a
+        # cluster each worker's threads decide a training's, and Dask's scheduler the order (budget 0: no queue).
+        networks, budget, threads = cpu_schedule(settings, cores := steps.worker_threads())
+        budget = 0 if cores else budget
         runs = [(network, seed) for seed in settings.seeds for network in networks]
         trainings = {
-            (n, s): train_model.submit(n, s, settings, data, steps_dir, threads.get(n), budget, ticket)
+            (n, s): steps.submit(
+                train_model,
+                dict(
+                    network=n,
+                    seed=s,
+                    settings=settings,
+                    data=data,
+                    steps_dir=steps_dir,
+                    threads=threads.get(n),
+                    budget=budget,
+                    ticket=ticket,
+                ),
+                threads=threads.get(n) or 1,
+                priority=len(runs) - ticket,
+            )
             for ticket, (n, s) in enumerate(runs)
         }
-        evaluations = {(n, s): evaluate_model.submit(n, s, trainings[n, s], settings, data, steps_dir) for n, s in runs}
+        step_inputs = dict(settings=settings, data=data, steps_dir=steps_dir)
+        evaluations = {
+            (n, s): steps.submit(evaluate_model, dict(network=n, seed=s, trained=trainings[n, s], **step_inputs))
+            for n, s in runs
+        }
         first = settings.seeds[0]  # each network's first-seed model is exported for use outside PyTorch
-        exports = {n: export_model.submit(n, first, trainings[n, first], settings, data, steps_dir) for n in networks}
+        exports = {
+            n: steps.submit(export_model, dict(network=n, seed=first, trained=trainings[n, first], **step_inputs))
+            for n in networks
+        }
         for network, seed in runs:  # the run folder shows each training's step folders, which stay shared and cached
             trained = finish(layout.step_name("train", network, seed), trainings[network, seed])
             link(run.training(network, seed).path, Path(trained["dir"]))
@@ -64,10 +94,12 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
             link(run.export(network), Path(exported["dir"]))
         finish("report", write_report.submit(str(run.path)))
     except BaseException as e:  # stopped (SIGTERM, Ctrl-C) or failed: stop every training, and say so
-        stop_children()
-        if record.running:
-            record.end("stopped", e)
+        steps.stop()
+        if record.running:  # a worker refused before any step failed, or the flow was stopped
+            record.end("failed" if isinstance(e, ConfigError) else "stopped", e)
         raise
+    finally:
+        stack.close()  # the run's Dask client, or its LocalCluster
     record.end("completed")
     point_latest_at(run.path)
     print(f"fmnist-pl pipeline: done, report at {run.report('.md')}, ONNX models in {run.path / layout.EXPORT_DIR}")

@@ -69,15 +69,16 @@ def training_cost(settings: PipelineSettings, network: str) -> float:
     return forward_flops(NETWORKS[network]()) * epochs
 
 
-def cpu_schedule(settings: PipelineSettings) -> tuple[list[str], int, dict[str, int]]:
+def cpu_schedule(settings: PipelineSettings, cores: int | None = None) -> tuple[list[str], int, dict[str, int]]:
     """The run's networks costliest first, the thread budget of trainings at once, and threads per network
-    (empty: each training uses what Lightning picks, as on GPUs or with several devices)."""
+    (empty: each training uses what Lightning picks, as on GPUs or with several devices). `cores`: those of one
+    machine that runs trainings (default: this one's)."""
     profile_costs = {n: training_cost(settings, n) for n in PipelineSettings(profile=settings.profile).networks()}
     networks = sorted(settings.networks(), key=lambda n: -profile_costs[n])
     if on_cpu(settings.accelerator) and settings.devices in ("auto", "1"):
         # Independent trainings on CPU: each its share of the cores, rather than all of them oversubscribing
         # every core, and no more threads at once than the cores.
-        cores = os.cpu_count() or 1
+        cores = cores or os.cpu_count() or 1
         return networks, cores, training_plan(profile_costs, cores)
     return networks, len(networks) * len(settings.seeds), {}
 

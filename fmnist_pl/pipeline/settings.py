@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fmnist_pl.configs import PROFILES, profile_config
 from fmnist_pl.errors import ConfigError, check_seed
@@ -64,6 +64,21 @@ class PipelineSettings(BaseModel):
         True,
         description="check the files against the official release (off: your own or test data)",
     )
+
+    dask_address: str | None = Field(
+        None,
+        description="run every training, evaluation and export on this Dask cluster's workers, e.g. "
+        "tcp://HOST:8786 (default: on this machine)",
+    )
+    dask_workers: int | None = Field(
+        None, ge=1, description="run the steps on a Dask LocalCluster of this many worker processes on this machine"
+    )
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> PipelineSettings:
+        if self.dask_address and self.dask_workers:
+            raise ValueError("--dask-address or --dask-workers, not both")
+        return self
 
     @field_validator("seeds")
     @classmethod

@@ -4,6 +4,9 @@ folder (step_cache.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +54,16 @@ def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:
     except Exception:
         return True
     return True
+
+
+def this_worker() -> dict:
+    """Where a step ran: the host and the process (the flow's own, or a Dask worker's)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def worker_words() -> str:
+    worker = this_worker()
+    return f"on {worker['host']} (process {worker['pid']})"
 
 
 @task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_unless_bad_input, task_run_name="download")
@@ -103,8 +116,9 @@ def train_model(
     ticket: int = 0,
 ) -> dict:
     """`fmnist-pl fit` for one network and seed; cached on its inputs, resumed from last.ckpt after an interruption.
-    Trainings start in `ticket` order within a budget of `budget` threads (scheduling.py)."""
-    queue = training_queue(str(flow_run.id), budget)
+    On the local runner trainings start in `ticket` order within a budget of `budget` threads (scheduling.py); on
+    a Dask cluster (`budget` 0) its scheduler decides."""
+    queue = training_queue(str(flow_run.id), budget) if budget else None
     logger = get_run_logger()
     fit = fit_options(settings)
     key = training_key(network, seed, settings.config_file(network), fit, data, threads)
@@ -114,15 +128,16 @@ def train_model(
     try:
         if finished := reuse_finished(work.path, what, outputs):
             return finished
-        with queue.turn(ticket, threads or 1), step_lock(work.path) as lock, naming_place(work.path):
+        turn = queue.turn(ticket, threads or 1) if queue else contextlib.nullcontext()
+        with turn, step_lock(work.path) as lock, naming_place(work.path):
             if finished := reuse_finished(work.path, what, outputs):  # another run finished it meanwhile
                 return finished
             resume = work.last_checkpoint.is_file() and not set_aside_if_damaged(work.last_checkpoint)
             if not resume:  # an earlier attempt's best.ckpt must never be what this training's evaluation loads
                 set_aside_stale_checkpoints(work.best_checkpoint.parent)
             logger.info(
-                f"training{' (resuming)' if resume else ''}{f' on {threads} thread(s)' if threads else ''}; "
-                f"log: {work.log}"
+                f"training{' (resuming)' if resume else ''}{f' on {threads} thread(s)' if threads else ''} "
+                f"{worker_words()}; log: {work.log}"
             )
             started = time.perf_counter()
             run_step_command(
@@ -146,11 +161,13 @@ def train_model(
                 "seed": seed,
                 "dir": str(work.path),
                 "wall_seconds": round(time.perf_counter() - started, 2),
+                "worker": this_worker(),
                 "resumed": resume,
             }
             return mark_finished(work.path, result, outputs)
     finally:
-        queue.pass_turn(ticket)  # whatever happened, later trainings are not held up
+        if queue:
+            queue.pass_turn(ticket)  # whatever happened, later trainings are not held up
 
 
 @step_task("evaluate-{network}-seed{seed}", backoff_seconds=5)
@@ -171,7 +188,7 @@ def evaluate_model(
     with step_lock(work.path), naming_place(work.path):
         if finished := reuse_finished(work.path, what, outputs):
             return finished
-        get_run_logger().info(f"evaluating; log: {work.log}")
+        get_run_logger().info(f"evaluating {worker_words()}; log: {work.log}")
         started = time.perf_counter()
         run_step_command(
             [
@@ -201,6 +218,7 @@ def evaluate_model(
             "dir": str(work.path),
             "train_dir": Path(trained["dir"]).name,
             "wall_seconds": round(time.perf_counter() - started, 2),
+            "worker": this_worker(),
         }
         return mark_finished(work.path, result, outputs)
 
@@ -221,7 +239,7 @@ def export_model(
         if finished := reuse_finished(work, what, outputs):
             return finished
         log = work / "export.log"
-        get_run_logger().info(f"exporting to ONNX; log: {log}")
+        get_run_logger().info(f"exporting to ONNX {worker_words()}; log: {log}")
         started = time.perf_counter()
         run_step_command(
             [
@@ -239,6 +257,7 @@ def export_model(
             "dir": str(work),
             "train_dir": Path(trained["dir"]).name,
             "wall_seconds": round(time.perf_counter() - started, 2),
+            "worker": this_worker(),
         }
         return mark_finished(work, result, outputs)
 
