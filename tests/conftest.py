@@ -92,6 +92,14 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
+@pytest.fixture(autouse=True)
+def new_run() -> None:
+    """Every test starts as a new run: a flow that failed in an earlier test of this process left "stopping" set."""
+    from fmnist_pl.pipeline.processes import begin_run
+
+    begin_run()
+
+
 def tiny_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     """CLI arguments for a fast CPU run on the tiny dataset."""
     return [

@@ -110,10 +110,7 @@ def test_no_data_and_no_network_is_one_line_naming_every_place_and_the_pipelines
 
 def test_a_name_resolution_failure_in_the_download_step_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     from fmnist_pl.errors import DataError, DownloadError
-    from fmnist_pl.pipeline.processes import begin_run
     from fmnist_pl.pipeline.tasks import retry_unless_bad_input
-
-    begin_run()  # a flow run that failed earlier in this test process left "stopping" set: this is a new run
 
     class Failed:
         def __init__(self, error: Exception) -> None:

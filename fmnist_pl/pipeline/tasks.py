@@ -152,7 +152,7 @@ def train_model(
                     *([f"--ckpt_path={work.last_checkpoint}"] if resume else []),
                 ],
                 work.log,
-                env={"OMP_NUM_THREADS": str(threads)} if threads else None,
+                threads=threads,
                 launcher=settings.train_launcher or "",
                 keep_open=(lock.fileno(),),
             )
