@@ -5,6 +5,7 @@ refusals before anything trains."""
 from __future__ import annotations
 
 import json
+import threading
 import os
 import signal
 import subprocess
@@ -13,9 +14,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
-from conftest import FLOW_FILE, TINY_RUN_SEEDS, free_port, tiny_run_settings
+from conftest import FLOW_FILE, TINY_RUN_SEEDS, free_port, tiny_run_settings, tiny_settings
 
 from fmnist_pl import layout
 from fmnist_pl.errors import ConfigError
@@ -145,7 +147,8 @@ def test_a_worker_without_the_run_s_folders_or_threads_is_refused_naming_it(
 def test_ctrl_c_stops_the_trainings_on_every_worker(
     loopback_cluster: tuple[str, list[int]], tiny_data: Path, tmp_path: Path
 ) -> None:
-    address, worker_pids = loopback_cluster
+    address, _ = loopback_cluster
+    worker_pids = wait_for_workers(address, 2)  # a worker killed by an earlier test has a new process
     args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size=100"]
     args += ["--epochs=50", "--accelerator=cpu", "--models", "dense", "cnn", "--output-dir", str(tmp_path)]
     flow = subprocess.Popen(
@@ -167,3 +170,72 @@ def test_ctrl_c_stops_the_trainings_on_every_worker(
     output, _ = flow.communicate(timeout=60)
     assert flow.returncode == 130, output
     assert "fmnist-pl pipeline stopped" in output
+
+
+def test_a_step_command_on_a_worker_gets_its_planned_threads_not_dask_s_one_thread_caps(
+    loopback_cluster: tuple[str, list[int]],
+) -> None:
+    from distributed import Client
+
+    from fmnist_pl.pipeline.processes import THREAD_VARIABLES, step_environment
+
+    def on_worker(threads: int | None) -> tuple[dict, str]:
+        environment = step_environment(threads)
+        probe = "import torch; print(torch.get_num_threads())"
+        torch_threads = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True)
+        return {name: environment.get(name) for name in THREAD_VARIABLES}, torch_threads.stdout.strip()
+
+    with Client(loopback_cluster[0], timeout=30) as client:
+        caps = client.run(lambda: {name: os.environ.get(name) for name in THREAD_VARIABLES})
+        assert all(c == dict.fromkeys(THREAD_VARIABLES, "1") for c in caps.values())  # what a step would inherit
+        # As tasks, where steps run (client.run runs beside them, outside any task).
+        workers = list(caps)
+        planned = client.gather([client.submit(on_worker, 2, workers=[w], pure=False) for w in workers])
+        unplanned = client.gather([client.submit(on_worker, None, workers=[w], pure=False) for w in workers])
+    for variables, torch_threads in planned:
+        assert variables == dict.fromkeys(THREAD_VARIABLES, "2") and torch_threads == "2"
+    for variables, torch_threads in unplanned:  # the machine's defaults: torch's own choice of threads
+        assert set(variables.values()) == {None} and int(torch_threads) == psutil.cpu_count(logical=False)
+
+
+def test_a_worker_killed_during_a_training_is_retried_elsewhere_and_resumes_from_its_last_checkpoint(
+    pipeline, loopback_cluster: tuple[str, list[int]], tiny_data: Path, tmp_path: Path
+) -> None:
+    address, _ = loopback_cluster
+    epochs, killed = 12, {}
+    cluster_run = tiny_settings(tiny_data, tmp_path / "cluster", models=["dense"], epochs=epochs, dask_address=address)
+    if "dense" not in one_thread_networks(cluster_run):
+        pytest.skip("this machine's local plan trains dense on more than one thread: no local result to compare")
+
+    def kill_the_worker_after_two_epochs() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            history = next((tmp_path / "cluster" / "steps").glob("train-dense-seed0-*/history.csv"), None)
+            if history and len(pd.read_csv(history)) >= 2:
+                for pid in wait_for_workers(address, 2):
+                    training = psutil.Process(pid).children(recursive=True)
+                    if training:
+                        killed.update(pid=pid, training=[p.pid for p in training], epochs=len(pd.read_csv(history)))
+                        os.kill(pid, signal.SIGKILL)  # the worker process alone: its nanny starts a new one
+                        return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_the_worker_after_two_epochs)
+    killer.start()
+    run = layout.RunFolder(Path(pipeline.full_pipeline(cluster_run)))
+    killer.join()
+    assert killed and killed["epochs"] < epochs, ("the training finished before its worker could be killed", killed)
+    assert not any(psutil.pid_exists(pid) for pid in killed["training"])  # the training died with its worker
+    train = json.loads(run.record.read_text())["steps"]["train-dense-seed0"]
+    assert train["resumed"] is True and train["worker"]["pid"] != killed["pid"]
+    history = pd.read_csv(run.training("dense", 0).history)
+    assert list(history["epoch"]) == list(range(epochs))  # every finished epoch kept, none trained twice
+
+    # The same training uninterrupted, on the local runner's one thread as on a worker: the same result.
+    local = layout.RunFolder(
+        Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path / "local", models=["dense"], epochs=epochs)))
+    )
+    on_cluster = json.loads(run.evaluation("dense", 0).test_metrics.read_text())
+    uninterrupted = json.loads(local.evaluation("dense", 0).test_metrics.read_text())
+    assert on_cluster["accuracy"] == uninterrupted["accuracy"]
+    assert on_cluster["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-6)

@@ -162,15 +162,20 @@ def test_the_work_pool_deployment_in_prefect_yaml_runs_on_a_worker_to_a_report(
         return result.stdout
 
     prefect("work-pool", "create", pool, "--type", "process")
-    prefect("deploy", "--name", "nightly", "--pool", pool)  # the deployment defined in prefect.yaml
+    for name in ("nightly", "cluster"):  # the deployments defined in prefect.yaml
+        prefect("deploy", "--name", name, "--pool", pool)
 
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("fmnist-full-pipeline/nightly")
-        assert deployment.work_pool_name == pool and [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
-        assert deployment.parameters == {}  # the flow's defaults, as `serve` registers them
+        nightly = client.read_deployment_by_name("fmnist-full-pipeline/nightly")
+        assert nightly.work_pool_name == pool and [s.schedule.cron for s in nightly.schedules] == ["0 3 * * *"]
+        assert nightly.parameters == {}  # the flow's defaults, as `serve` registers them
+        deployment = client.read_deployment_by_name("fmnist-full-pipeline/cluster")
+        assert deployment.work_pool_name == pool and deployment.parameters == {"settings": {"dask_workers": 2}}
+        # The cluster deployment's run, as the UI's form sends it: its settings with the tiny data's.
         settings = {
+            **deployment.parameters["settings"],
             "data_dir": str(tiny_data),
             "require_official": False,
             "val_size": 100,
@@ -185,3 +190,6 @@ def test_the_work_pool_deployment_in_prefect_yaml_runs_on_a_worker_to_a_report(
     assert state.is_completed(), state
     report = tmp_path / "out" / "latest" / "report.md"
     assert report.is_file() and "## cnn" in report.read_text()
+    record = json.loads((tmp_path / "out" / "latest" / "run.json").read_text())
+    trained_by, flow_pid = record["steps"]["train-cnn-seed0"]["worker"]["pid"], record["pid"]
+    assert trained_by != flow_pid  # on one of the run's Dask workers, not in the flow's process

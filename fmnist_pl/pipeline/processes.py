@@ -9,6 +9,8 @@ process that command would be the whole flow. It also keeps a step's prints, war
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import os
 import shlex
@@ -92,6 +94,17 @@ def step_environment(threads: int | None) -> dict[str, str]:
     return environment
 
 
+def prepare_step_process(die_with_parent: bool) -> None:
+    """In a step's process before it runs: Ctrl-C in a terminal reaches the whole process group, and the flow
+    decides, then stops this command. On a Dask worker the command also dies with the worker: a worker killed
+    outright has its step retried on another, which resumes from the last checkpoint once this one no longer holds
+    the step's lock. (In the flow's own process a training outlives a killed flow, and the next run waits for it.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if die_with_parent and sys.platform == "linux":
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def run_step_command(
     args: list[str], log_file: Path, threads: int | None = None, launcher: str = "", keep_open: tuple = ()
 ) -> None:
@@ -115,8 +128,7 @@ def run_step_command(
             # The step folder's lock travels with the command: if this flow is killed outright, a training that
             # outlives it still owns the folder, and the next run waits for it instead of training beside it.
             pass_fds=tuple(keep_open),
-            # Ctrl-C in a terminal reaches the whole process group; the flow decides, and stops this command.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+            preexec_fn=functools.partial(prepare_step_process, die_with_parent=in_dask_worker()),
         )
         LIVE_CHILDREN.add(process)
         try:
