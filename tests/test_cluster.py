@@ -5,11 +5,11 @@ refusals before anything trains."""
 from __future__ import annotations
 
 import json
-import threading
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,6 +131,8 @@ def test_a_worker_without_the_run_s_folders_or_threads_is_refused_naming_it(
     address, _ = loopback_cluster
     with step_runner(address, None) as steps:
         assert steps.worker_threads() == 1
+        with pytest.raises(ConfigError, match=r"no Dask worker declares 2 GPU\(s\).*--resources GPU=N"):
+            steps.worker_threads(gpus=2)  # a GPU run on a cluster of CPU workers
         steps.check_workers(tmp_path, str(tmp_path))  # on loopback every worker sees the flow's folders
         with pytest.raises(ConfigError, match=r"Dask worker tcp://127\.0\.0\.1:\d+ does not see the data folder /no"):
             steps.check_workers(tmp_path, "/nowhere")
@@ -239,3 +241,24 @@ def test_a_worker_killed_during_a_training_is_retried_elsewhere_and_resumes_from
     uninterrupted = json.loads(local.evaluation("dense", 0).test_metrics.read_text())
     assert on_cluster["accuracy"] == uninterrupted["accuracy"]
     assert on_cluster["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-6)
+
+
+def test_a_gpu_run_asks_dask_for_each_training_s_gpus_and_a_cpu_run_for_its_threads(tiny_data: Path) -> None:
+    import dask
+    import torch
+
+    from fmnist_pl.pipeline.cluster import StepRunner
+
+    class RecordingRunner:  # what DaskTaskRunner.submit would hand Dask: the annotations around the call
+        def submit(self, task, parameters):
+            return dask.get_annotations()
+
+    gpu_run = tiny_settings(tiny_data, tiny_data, accelerator="gpu", devices="2", dask_address="tcp://gpu-box:8786")
+    gpu_run.check_hardware()  # the workers' GPU resources decide, not this machine's GPUs
+    if torch.cuda.device_count() < 2:  # the same settings without a cluster: this machine's GPUs decide
+        with pytest.raises(ConfigError, match="no usable CUDA GPU|this machine has [01] GPU"):
+            gpu_run.model_copy(update={"dask_address": None}).check_hardware()
+    steps = StepRunner(RecordingRunner())
+    assert gpu_run.gpus_per_training() == 2 and tiny_settings(tiny_data, tiny_data).gpus_per_training() == 0
+    assert steps.submit(None, {}, gpus=2, priority=3) == {"resources": {"GPU": 2}, "priority": 3}
+    assert steps.submit(None, {}, threads=4, priority=1) == {"resources": {"threads": 4}, "priority": 1}

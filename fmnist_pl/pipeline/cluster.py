@@ -85,21 +85,30 @@ class StepRunner:
     def __init__(self, runner: DaskTaskRunner | None = None) -> None:
         self.runner = runner
 
-    def submit(self, task: Task, parameters: dict, threads: int = 1, priority: int = 0) -> PrefectFuture:
+    def submit(self, task: Task, parameters: dict, threads: int = 1, gpus: int = 0, priority: int = 0) -> PrefectFuture:
+        """`task` with `parameters`; on a cluster, on a worker with `gpus` GPUs free (a GPU run), else `threads`."""
         if self.runner is None:
             return task.submit(**parameters)
         import dask
 
-        with dask.annotate(resources={"threads": threads}, priority=priority):
+        with dask.annotate(resources={"GPU": gpus} if gpus else {"threads": threads}, priority=priority):
             return self.runner.submit(task, parameters)
 
-    def worker_threads(self) -> int | None:
-        """The fewest threads any worker offers (every training then fits on any worker); None on the local runner."""
+    def worker_threads(self, gpus: int = 0) -> int | None:
+        """The fewest threads any worker offers (every training then fits on any worker); None on the local runner
+        and on a GPU run (`gpus` per training), where some worker must offer that many GPUs."""
         if self.runner is None:
             return None
         workers = self.runner.client.scheduler_info(n_workers=-1)["workers"]
         if not workers:
             raise ConfigError("the Dask cluster has no workers; start one with `dask worker SCHEDULER-ADDRESS`")
+        if gpus:
+            if not any(w.get("resources", {}).get("GPU", 0) >= gpus for w in workers.values()):
+                raise ConfigError(
+                    f"no Dask worker declares {gpus} GPU(s), which each training asks for: start the GPU machines' "
+                    f"workers with `dask worker ... --resources GPU=N` (N: its GPUs)"
+                )
+            return None
         lacking = [address for address, w in workers.items() if "threads" not in w.get("resources", {})]
         if lacking:
             raise ConfigError(

@@ -52,8 +52,9 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
         steps.check_workers(output, data["source_dir"])
         # Costliest network first within each seed: the longest training starts first and sets the pace. On a
         # cluster each worker's threads decide a training's, and Dask's scheduler the order (budget 0: no queue).
-        networks, budget, threads = cpu_schedule(settings, cores := steps.worker_threads())
-        budget = 0 if cores else budget
+        gpus = settings.gpus_per_training() if steps.runner else 0
+        networks, budget, threads = cpu_schedule(settings, steps.worker_threads(gpus))
+        budget = 0 if steps.runner else budget
         runs = [(network, seed) for seed in settings.seeds for network in networks]
         trainings = {
             (n, s): steps.submit(
@@ -69,13 +70,16 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
                     ticket=ticket,
                 ),
                 threads=threads.get(n) or 1,
+                gpus=gpus,
                 priority=len(runs) - ticket,
             )
             for ticket, (n, s) in enumerate(runs)
         }
         step_inputs = dict(settings=settings, data=data, steps_dir=steps_dir)
         evaluations = {
-            (n, s): steps.submit(evaluate_model, dict(network=n, seed=s, trained=trainings[n, s], **step_inputs))
+            (n, s): steps.submit(
+                evaluate_model, dict(network=n, seed=s, trained=trainings[n, s], **step_inputs), gpus=min(gpus, 1)
+            )
             for n, s in runs
         }
         first = settings.seeds[0]  # each network's first-seed model is exported for use outside PyTorch

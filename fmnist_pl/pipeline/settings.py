@@ -102,6 +102,8 @@ class PipelineSettings(BaseModel):
         inside every training step, and a retry cannot help)."""
         import torch
 
+        if self.dask_address:  # the trainings run on the cluster's workers: their GPU resources decide (cluster.py)
+            return
         wants_gpu = self.accelerator in ("gpu", "cuda")
         if wants_gpu and not torch.cuda.is_available():
             raise ConfigError("--accelerator gpu: this machine has no usable CUDA GPU; use --accelerator cpu or auto")
@@ -109,6 +111,12 @@ class PipelineSettings(BaseModel):
             raise ConfigError("--accelerator mps: this machine has no Apple GPU; use --accelerator cpu or auto")
         if wants_gpu and self.devices.isdigit() and int(self.devices) > torch.cuda.device_count():
             raise ConfigError(f"--devices {self.devices}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+    def gpus_per_training(self) -> int:
+        """The GPUs one training asks a Dask worker for (`--resources GPU=N`): its devices on a CUDA run, else 0."""
+        if self.accelerator not in ("gpu", "cuda"):
+            return 0
+        return int(self.devices) if self.devices.isdigit() else 1
 
     def config_file(self, network: str) -> Path:
         """The packaged config of `network` in this run's profile."""
