@@ -174,7 +174,7 @@ def test_ctrl_c_stops_the_trainings_on_every_worker(
     assert "fmnist-pl pipeline stopped" in output
 
 
-def test_a_step_command_on_a_worker_gets_its_planned_threads_not_dask_s_one_thread_caps(
+def test_a_step_command_on_a_worker_gets_its_planned_threads_not_dask_s_worker_settings(
     loopback_cluster: tuple[str, list[int]],
 ) -> None:
     from distributed import Client
@@ -185,17 +185,25 @@ def test_a_step_command_on_a_worker_gets_its_planned_threads_not_dask_s_one_thre
         environment = step_environment(threads)
         probe = "import torch; print(torch.get_num_threads())"
         torch_threads = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True)
-        return {name: environment.get(name) for name in THREAD_VARIABLES}, torch_threads.stdout.strip()
+        return {name: environment.get(name) for name in (*THREAD_VARIABLES, "MALLOC_TRIM_THRESHOLD_")}, (
+            torch_threads.stdout.strip()
+        )
 
     with Client(loopback_cluster[0], timeout=30) as client:
-        caps = client.run(lambda: {name: os.environ.get(name) for name in THREAD_VARIABLES})
-        assert all(c == dict.fromkeys(THREAD_VARIABLES, "1") for c in caps.values())  # what a step would inherit
+        caps = client.run(
+            lambda: {name: os.environ.get(name) for name in (*THREAD_VARIABLES, "MALLOC_TRIM_THRESHOLD_")}
+        )
+        # What a step would inherit from its worker: one thread, and memory handed back to the system at once.
+        assert all(
+            c == {**dict.fromkeys(THREAD_VARIABLES, "1"), "MALLOC_TRIM_THRESHOLD_": "65536"} for c in caps.values()
+        )
         # As tasks, where steps run (client.run runs beside them, outside any task).
         workers = list(caps)
         planned = client.gather([client.submit(on_worker, 2, workers=[w], pure=False) for w in workers])
         unplanned = client.gather([client.submit(on_worker, None, workers=[w], pure=False) for w in workers])
     for variables, torch_threads in planned:
-        assert variables == dict.fromkeys(THREAD_VARIABLES, "2") and torch_threads == "2"
+        assert variables == {**dict.fromkeys(THREAD_VARIABLES, "2"), "MALLOC_TRIM_THRESHOLD_": None}
+        assert torch_threads == "2"
     for variables, torch_threads in unplanned:  # the machine's defaults: torch's own choice of threads
         assert set(variables.values()) == {None} and int(torch_threads) == psutil.cpu_count(logical=False)
 
@@ -262,3 +270,25 @@ def test_a_gpu_run_asks_dask_for_each_training_s_gpus_and_a_cpu_run_for_its_thre
     assert gpu_run.gpus_per_training() == 2 and tiny_settings(tiny_data, tiny_data).gpus_per_training() == 0
     assert steps.submit(None, {}, gpus=2, priority=3) == {"resources": {"GPU": 2}, "priority": 3}
     assert steps.submit(None, {}, threads=4, priority=1) == {"resources": {"threads": 4}, "priority": 1}
+
+
+def test_two_runs_into_one_shared_folder_on_the_cluster_train_a_step_once(
+    prefect_api: str, loopback_cluster: tuple[str, list[int]], tiny_data: Path, tmp_path: Path
+) -> None:
+    address, _ = loopback_cluster
+    args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size=100"]
+    args += ["--epochs=3", "--accelerator=cpu", "--models", "dense", "--output-dir", str(tmp_path)]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    runs = [
+        subprocess.Popen(
+            [*args, "--dask-address", address], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    (step,) = (tmp_path / "steps").glob("train-dense-seed0-*")
+    assert sum(line.startswith("$ ") for line in (step / "train.log").read_text().splitlines()) == 1
+    assert list(pd.read_csv(step / "history.csv")["epoch"]) == [0, 1, 2]
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("2*/run.json")]  # run folders, not `latest`
+    assert sorted(r["steps"]["train-dense-seed0"]["cached"] for r in records) == [False, True]  # one trained

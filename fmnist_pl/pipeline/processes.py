@@ -82,15 +82,18 @@ def in_dask_worker() -> bool:
 
 def step_environment(threads: int | None) -> dict[str, str]:
     """A step command's environment: `threads` for every math library torch may use; with none planned (GPUs,
-    several devices), the machine's defaults. Never the one-thread caps that Dask's nanny puts on its worker
-    processes (`distributed.nanny.pre-spawn-environ`): inherited, they made bn_cnn's training 2.3x slower on a
-    Dask worker than in the flow's process (424 s against 197 s, benchmarks/README.md)."""
+    several devices), the machine's defaults. Never what Dask's nanny sets on its worker processes for small
+    Python tasks (`distributed.nanny.pre-spawn-environ`): inherited, its one-thread caps and its
+    `MALLOC_TRIM_THRESHOLD_=65536` (which ends glibc's reuse of freed tensor memory: 616 s of system time against
+    44) made bn_cnn's run 2.05x slower on a Dask worker than in the flow's process (benchmarks/README.md)."""
     environment = dict(os.environ)
+    if in_dask_worker():
+        import dask
+
+        for name in dask.config.get("distributed.nanny.pre-spawn-environ", {}):
+            environment.pop(name, None)
     if threads:
         environment.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))
-    elif in_dask_worker():
-        for name in THREAD_VARIABLES:
-            environment.pop(name, None)
     return environment
 
 
