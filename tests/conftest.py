@@ -281,3 +281,25 @@ def mount(tmp_path: Path):
     yield make
     for folder in mounted:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def two_runs_trained_dense_once(args: list[str], env: dict[str, str], output: Path) -> None:
+    """Two pipeline runs of `args` at once into one output folder (dense, 3 epochs): both complete, and the
+    training step ran once, the other run reusing it (the step lock)."""
+    import json
+    import subprocess
+
+    import pandas as pd
+
+    runs = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert not any("Traceback" in text for text in outputs), outputs
+    (step,) = (output / "steps").glob("train-dense-seed0-*")
+    assert sum(line.startswith("$ ") for line in (step / "train.log").read_text().splitlines()) == 1
+    assert list(pd.read_csv(step / "history.csv")["epoch"]) == [0, 1, 2]
+    records = [json.loads(p.read_text()) for p in output.glob("2*/run.json")]  # run folders, not `latest`
+    assert sorted(r["status"] for r in records) == ["completed", "completed"]
+    assert sorted(r["steps"]["train-dense-seed0"]["cached"] for r in records) == [False, True]  # one trained

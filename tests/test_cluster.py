@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-from conftest import FLOW_FILE, TINY_RUN_SEEDS, free_port, tiny_run_settings, tiny_settings
+from conftest import FLOW_FILE, TINY_RUN_SEEDS, free_port, tiny_run_settings, tiny_settings, two_runs_trained_dense_once
 
 from fmnist_pl import layout
 from fmnist_pl.errors import ConfigError
@@ -278,17 +278,6 @@ def test_two_runs_into_one_shared_folder_on_the_cluster_train_a_step_once(
     address, _ = loopback_cluster
     args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size=100"]
     args += ["--epochs=3", "--accelerator=cpu", "--models", "dense", "--output-dir", str(tmp_path)]
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    runs = [
-        subprocess.Popen(
-            [*args, "--dask-address", address], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for _ in range(2)
-    ]
-    outputs = [run.communicate(timeout=300)[0] for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], outputs
-    (step,) = (tmp_path / "steps").glob("train-dense-seed0-*")
-    assert sum(line.startswith("$ ") for line in (step / "train.log").read_text().splitlines()) == 1
-    assert list(pd.read_csv(step / "history.csv")["epoch"]) == [0, 1, 2]
-    records = [json.loads(p.read_text()) for p in tmp_path.glob("2*/run.json")]  # run folders, not `latest`
-    assert sorted(r["steps"]["train-dense-seed0"]["cached"] for r in records) == [False, True]  # one trained
+    two_runs_trained_dense_once(
+        [*args, "--dask-address", address], {**os.environ, "PREFECT_API_URL": prefect_api}, tmp_path
+    )

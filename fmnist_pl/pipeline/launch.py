@@ -39,11 +39,23 @@ class OneLineFailures(logging.Filter):
         return not message.startswith("Finished in state NotReady(")
 
 
+STOP_SIGNALS: list[int] = []  # the signals that stopped this process's pipeline (Ctrl-C, kill)
+
+
 def stop_on_signal(signum: int, frame: object) -> None:
     """`kill <flow PID>` outside a flow run (Prefect handles SIGTERM inside one): leave through the normal exit
     path, so that Prefect's temporary server is stopped too instead of orphaned."""
+    STOP_SIGNALS.append(signum)
     stop_children()
     raise SystemExit(128 + signum)
+
+
+def say_stopped(code: int) -> None:
+    stop_children()
+    print(
+        "fmnist-pl pipeline stopped; run the same command again to resume from the last finished epoch", file=sys.stderr
+    )
+    sys.exit(code)
 
 
 def launch(args: argparse.Namespace, settings: PipelineSettings) -> None:
@@ -64,13 +76,10 @@ def launch(args: argparse.Namespace, settings: PipelineSettings) -> None:
         try:
             run_dir = Path(full_pipeline(settings))
         except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C or `kill`: the flow has stopped its trainings
-            stop_children()
-            print(
-                "fmnist-pl pipeline stopped; run the same command again to resume from the last finished epoch",
-                file=sys.stderr,
-            )
-            sys.exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130)
+            say_stopped(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130)
         except Exception as e:  # Prefect has logged what it needs to; end with the one line that matters
+            if STOP_SIGNALS:  # the stop's SystemExit, wrapped by whatever it interrupted (pydantic, while submitting)
+                say_stopped(128 + STOP_SIGNALS[0])
             e = place_error(e, settings.output_dir) or e
             permanent = isinstance(e, (*USER_ERRORS, BadInputError))
             print(f"fmnist-pl pipeline failed: {e}", file=sys.stderr)
