@@ -1,16 +1,20 @@
-"""The pipeline's steps on a real Dask cluster on loopback (`dask scheduler` and two `dask worker` processes),
-through prefect-dask's DaskTaskRunner: where the steps ran, the results against the local runner's, a stop, and the
-refusals before anything trains."""
+"""The pipeline's steps on a real Dask cluster (`dask scheduler` and two `dask worker` processes), on loopback and,
+as root, with each worker in a network namespace of its own (another host on the network), through prefect-dask's
+DaskTaskRunner: where the steps ran, the results against the local runner's, what Prefect's API saw, a stop, a
+killed worker, and the refusals before anything trains."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -281,3 +285,157 @@ def test_two_runs_into_one_shared_folder_on_the_cluster_train_a_step_once(
     two_runs_trained_dense_once(
         [*args, "--dask-address", address], {**os.environ, "PREFECT_API_URL": prefect_api}, tmp_path
     )
+
+
+def run_ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def hosts_of_their_own(names: list[str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """A bridge on this machine and a network namespace per name, joined to it by a veth pair: hosts of their own on
+    the network (their own addresses and loopback), sharing this machine's files, as an NFS-backed cluster would.
+    Yields the bridge's address and, per name, its namespace and address; removes them all afterwards."""
+    tag = os.getpid() % 250
+    bridge, subnet = f"fmbr{tag}", f"10.213.{tag}"
+    namespaces = {name: f"fmnist-{tag}-{name}" for name in names}
+    try:
+        run_ip("link", "add", bridge, "type", "bridge")
+        run_ip("addr", "add", f"{subnet}.1/24", "dev", bridge)
+        run_ip("link", "set", bridge, "up")
+        addresses = {}
+        for k, (name, namespace) in enumerate(namespaces.items()):
+            addresses[name] = f"{subnet}.{10 + k}"
+            run_ip("netns", "add", namespace)
+            run_ip("link", "add", f"fmv{tag}{name}", "type", "veth", "peer", "name", "eth0", "netns", namespace)
+            run_ip("link", "set", f"fmv{tag}{name}", "master", bridge, "up")
+            run_ip("-n", namespace, "addr", "add", f"{addresses[name]}/24", "dev", "eth0")
+            run_ip("-n", namespace, "link", "set", "eth0", "up")
+            run_ip("-n", namespace, "link", "set", "lo", "up")
+        yield f"{subnet}.1", {name: (namespaces[name], addresses[name]) for name in names}
+    finally:
+        for namespace in namespaces.values():
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)  # takes its veth end along
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def separate_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, list[int]]]:
+    """A scheduler and a Prefect server on this machine's bridge address, and two `dask worker` processes each in a
+    network namespace of its own (another host as far as the network goes). Yields the scheduler's address, the
+    Prefect API's URL and the workers' PIDs. Root only (namespaces); skipped elsewhere."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces need root and iproute2")
+    root = tmp_path_factory.mktemp("hosts")
+    with contextlib.ExitStack() as stack:
+        try:
+            host, hosts = stack.enter_context(hosts_of_their_own(["a", "b"]))
+        except subprocess.CalledProcessError as e:
+            pytest.skip(f"cannot make network namespaces here: {e.stderr.strip()}")
+        log = stack.enter_context(open(root / "cluster.log", "w"))
+        scheduler_port, api_port = free_port(), free_port()
+        address, api_url = f"tcp://{host}:{scheduler_port}", f"http://{host}:{api_port}/api"
+        server_env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        server_env.pop("PREFECT_API_URL", None)
+        commands = [
+            (
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "server",
+                    "start",
+                    "--no-ui",
+                    "--host",
+                    host,
+                    "--port",
+                    str(api_port),
+                ],
+                server_env,
+                root,
+            ),
+            (dask_command("scheduler", "--host", host, "--port", str(scheduler_port), "--no-dashboard"), None, root),
+        ]
+        for name in ("a", "b"):
+            (root / name).mkdir()
+            namespace, worker_host = hosts[name]
+            worker = ["worker", address, "--host", worker_host, "--nthreads", "1"]
+            worker += ["--resources", "threads=1", "--no-dashboard", "--name", name]
+            worker += ["--local-directory", str(root / name)]
+            commands.append((["ip", "netns", "exec", namespace, *dask_command(*worker)], None, root / name))
+        processes = [
+            subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+            for command, env, cwd in commands
+        ]
+
+        @stack.callback
+        def stop() -> None:
+            for process in reversed(processes):
+                process.terminate()
+            for process in processes:
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+        worker_pids = wait_for_workers(address, 2)
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{api_url}/health", timeout=2).status == 200:
+                    break
+            assert time.monotonic() < deadline, (root / "cluster.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield address, api_url, worker_pids
+
+
+def test_workers_on_hosts_of_their_own_run_the_steps_report_them_to_prefect_and_match_the_local_runner(
+    tiny_run: Path, separate_hosts: tuple[str, str, list[int]], tmp_path: Path
+) -> None:
+    address, api_url, worker_pids = separate_hosts
+    settings = tiny_run_settings(tiny_run)
+    networks = one_thread_networks(settings)[:1]  # one network's two seeds: the loopback test covers the rest
+    if not networks:
+        pytest.skip("this machine's local plan trains no network on one thread")
+    args = [sys.executable, str(FLOW_FILE), "--data-dir", settings.data_dir, "--no-require-official"]
+    args += [f"--val-size={settings.val_size}", f"--epochs={settings.epochs}", "--accelerator=cpu"]
+    args += ["--models", *networks, "--seeds", *map(str, TINY_RUN_SEEDS), "--output-dir", str(tmp_path)]
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:4200/api"}
+    # The flow's Prefect API on loopback: workers on other hosts could never report to it; refused before any work.
+    refused = subprocess.run([*args, "--dask-address", address], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "cannot reach PREFECT_API_URL" in refused.stderr, refused.stderr
+    assert not (tmp_path / "steps").exists()
+
+    result = subprocess.run(
+        [*args, "--dask-address", address],
+        env={**env, "PREFECT_API_URL": api_url},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = layout.RunFolder((tmp_path / layout.LATEST).resolve())
+    record = json.loads(run.record.read_text())
+    for network in networks:
+        for seed in TINY_RUN_SEEDS:
+            for step in ("train", "evaluate"):
+                assert record["steps"][layout.step_name(step, network, seed)]["worker"]["pid"] in worker_pids
+            on_cluster = json.loads(run.evaluation(network, seed).test_metrics.read_text())
+            local = json.loads(layout.RunFolder(tiny_run).evaluation(network, seed).test_metrics.read_text())
+            assert on_cluster["accuracy"] == local["accuracy"], (network, seed)
+            assert on_cluster["loss"] == pytest.approx(local["loss"], rel=1e-6), (network, seed)
+    # Every step a worker ran is a completed task run of the flow run in Prefect, with the worker in its log.
+    import httpx
+
+    flow_runs = httpx.post(f"{api_url}/flow_runs/filter", json={}).json()
+    (flow_run,) = [r for r in flow_runs if r["flow_id"]]
+    task_runs = httpx.post(f"{api_url}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}}).json()
+    states = {r["name"]: r["state"]["type"] for r in task_runs}
+    for network in networks:
+        for seed in TINY_RUN_SEEDS:
+            for step in ("train", "evaluate"):
+                assert states.get(layout.step_name(step, network, seed)) == "COMPLETED", states
+    logs = httpx.post(
+        f"{api_url}/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "limit": 200}
+    ).json()
+    assert any(f"(process {pid})" in entry["message"] for entry in logs for pid in worker_pids), logs[-5:]

@@ -193,11 +193,11 @@ def test_a_step_is_recorded_as_finished_only_when_its_outputs_exist(tmp_path: Pa
     promised = [work / "checkpoints" / "best.ckpt", work / "history.csv"]
     (work / "history.csv").write_text("epoch\n")
     with pytest.raises(RuntimeError, match=r"ended without writing checkpoints/best.ckpt"):
-        step_cache.mark_finished(work, {"dir": str(work)}, promised)
+        step_cache.mark_finished(work, run_record.StepResult("cnn", 0, str(work), 1.0), promised)
     assert not (work / "done.json").exists()
     promised[0].parent.mkdir()
     promised[0].write_bytes(b"x")
-    assert step_cache.mark_finished(work, {"dir": str(work)}, promised)["cached"] is False
+    assert step_cache.mark_finished(work, run_record.StepResult("cnn", 0, str(work), 1.0), promised).cached is False
     assert (work / "done.json").is_file()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +13,7 @@ from fmnist_pl import layout
 from fmnist_pl.configs import packaged_configs, profile_config
 from fmnist_pl.networks import NETWORKS
 from fmnist_pl.pipeline import command, flow, processes, scheduling, step_cache, tasks
+from fmnist_pl.pipeline.run_record import DataRecord, StepResult
 from fmnist_pl.pipeline.settings import PipelineSettings, add_settings_arguments
 
 
@@ -62,8 +62,9 @@ def test_an_evaluation_is_passed_only_the_options_it_uses(tmp_path: Path, monkey
     (train_dir / "checkpoints").mkdir(parents=True)
     (train_dir / "checkpoints" / "best.ckpt").write_bytes(b"weights")
     settings = PipelineSettings(epochs=3, batch_size=64, val_size=100, devices="2", strategy="ddp", data_dir="/d")
-    data = {"source_dir": "/d", "sha256": {"decoded": "x"}}
-    tasks.evaluate_model.fn("cnn", 0, {"dir": str(train_dir)}, settings, data, str(tmp_path))
+    data = DataRecord("/d", {"decoded": "x"}, 0.0)
+    trained = StepResult("cnn", 0, str(train_dir), 1.0)
+    tasks.evaluate_model.fn("cnn", 0, trained, settings, data, str(tmp_path))
     (command,) = commands
     assert command[0] == "evaluate" and "--data.val_size=100" in command and "--trainer.devices=1" in command
     assert not any(o.startswith(("--trainer.max_epochs", "--data.batch_size", "--trainer.strategy")) for o in command)
@@ -103,7 +104,7 @@ def test_a_profile_without_a_config_for_a_network_is_one_clear_error() -> None:
 
 
 def test_step_keys_change_with_what_decides_the_result_only(tmp_path: Path) -> None:
-    data = {"sha256": {"train-images-idx3-ubyte": "a", "decoded": "b"}}
+    data = DataRecord("/d", {"train-images-idx3-ubyte": "a", "decoded": "b"}, 0.0)
 
     def key(network: str, seed: int, settings: PipelineSettings, data: dict, threads: int) -> str:
         # As the training task calls it.
@@ -118,7 +119,7 @@ def test_step_keys_change_with_what_decides_the_result_only(tmp_path: Path) -> N
         key("bn_cnn", 0, PipelineSettings(epochs=2), data, 2),
         key("bn_cnn", 0, PipelineSettings(), data, 1),
         key("cnn", 0, PipelineSettings(), data, 2),
-        key("bn_cnn", 0, PipelineSettings(), {"sha256": {**data["sha256"], "decoded": "c"}}, 2),
+        key("bn_cnn", 0, PipelineSettings(), DataRecord("/d", {**data.sha256, "decoded": "c"}, 0.0), 2),
     ]
     assert len({base, *changed}) == 6  # seed, epochs, threads, network, the decoded data's checksum
     evaluation = step_cache.evaluation_key  # keyed on the checkpoint's bytes, not on where it lies
@@ -187,17 +188,16 @@ def test_the_flow_gives_a_network_the_same_threads_whatever_else_it_trains(
 ) -> None:
     planned: dict[tuple[str, int], set] = {}
 
-    def plan_training(network, seed, settings, data, steps_dir, threads, budget, ticket):
-        planned.setdefault((network, seed), set()).add((threads, budget))
+    def plan_training(network, seed, settings, data, steps_dir, threads, ticket):
+        planned.setdefault((network, seed), set()).add((threads, processes.current_run().queue.budget))
 
     def stop(*args, **kwargs):
         raise RuntimeError("planned")
 
-    monkeypatch.setattr(processes, "STOPPING", threading.Event())  # the flow's stop path sets it: keep it to this test
     monkeypatch.setattr(flow.train_model, "submit", plan_training)
     monkeypatch.setattr(flow.evaluate_model, "submit", stop)
     monkeypatch.setattr(
-        flow.download_data, "submit", lambda *a: SimpleNamespace(result=lambda: {"source_dir": "x", "sha256": {}})
+        flow.download_data, "submit", lambda *a: SimpleNamespace(result=lambda: DataRecord("x", {}, 0.0))
     )
     monkeypatch.setattr(scheduling.os, "cpu_count", lambda: 2)
     for models, seeds in ((["bn_cnn"], [0]), (None, [0]), (None, [0, 1, 2]), (["cnn"], [0, 1])):

@@ -11,6 +11,7 @@ import pytest
 from conftest import copy_of_tiny_run, tiny_run_settings
 
 from fmnist_pl.pipeline import step_cache
+from fmnist_pl.pipeline.run_record import StepResult
 
 
 def finished_step(tmp_path: Path) -> tuple[Path, list[Path]]:
@@ -22,7 +23,7 @@ def finished_step(tmp_path: Path) -> tuple[Path, list[Path]]:
 
     torch.save({"weights": torch.zeros(3)}, checkpoint)  # a zip archive, as Lightning's checkpoints are
     history.write_text("epoch\n0\n")
-    step_cache.mark_finished(work, {"network": "cnn", "dir": str(work), "wall_seconds": 1.0}, [checkpoint, history])
+    step_cache.mark_finished(work, StepResult("cnn", 0, str(work), 1.0), [checkpoint, history])
     return work, [checkpoint, history]
 
 
@@ -33,7 +34,7 @@ def test_a_step_record_names_no_absolute_path_and_is_found_where_the_folder_is_n
     moved = tmp_path / "moved" / work.name
     shutil.move(work.parent, moved.parent)
     reused = step_cache.reuse_finished(moved, "cnn training", [moved / p.relative_to(work) for p in outputs])
-    assert reused["dir"] == str(moved) and reused["cached"] is True
+    assert reused.dir == str(moved) and reused.cached is True
 
 
 @pytest.mark.parametrize("damage", ["deleted", "cut short", "replaced", "damaged record"])
@@ -71,7 +72,7 @@ def test_a_record_of_the_previous_version_is_reused_while_its_files_are_there(tm
     record = json.loads((work / "done.json").read_text())
     del record["outputs"]
     (work / "done.json").write_text(json.dumps({**record, "dir": "/where/it/was/before"}))
-    assert step_cache.reuse_finished(work, "cnn training", outputs)["dir"] == str(work)
+    assert step_cache.reuse_finished(work, "cnn training", outputs).dir == str(work)
     outputs[0].write_bytes(b"PK\x03\x04 cut short")
     assert step_cache.reuse_finished(work, "cnn training", outputs) is None
 

@@ -2,7 +2,8 @@
 a Dask cluster through prefect-dask's `DaskTaskRunner` (`--dask-address tcp://HOST:8786`, or `--dask-workers N`
 for a `LocalCluster` on this machine). On a cluster, Dask's scheduler decides which step runs where and when: each
 training asks for its threads as a worker resource (`dask worker --resources threads=N`) and the costliest goes
-first (a Dask priority); the flow's hand-written queue (scheduling.py) serves only the local runner.
+first (a Dask priority); the flow's own queue (scheduling.py) serves only the local runner, where it measured
+faster than a one-worker LocalCluster.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from fmnist_pl.errors import ConfigError
-from fmnist_pl.pipeline.processes import begin_run, stop_children
+from fmnist_pl.pipeline.processes import allow_steps, stop_children
 
 if TYPE_CHECKING:
     from prefect import Task
@@ -128,7 +129,7 @@ class StepRunner:
         token_file.write_text(token)
         try:
             client = self.runner.client
-            client.run(begin_run)  # an earlier run's stop on these workers does not apply to this one
+            client.run(allow_steps)  # an earlier run's stop on these workers does not apply to this one
             found = client.run(sees_shared_folders, str(token_file), token, data_dir, fmnist_pl.__version__)
         finally:
             token_file.unlink(missing_ok=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -32,16 +31,13 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from fmnist_pl.pipeline.processes import stop_children
+from fmnist_pl.pipeline.processes import die_with_parent, stop_children
 from fmnist_pl.pipeline.run_record import record_lost
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _die_with_parent(parent: int) -> None:
-    """In the server's process, before it runs: ask for SIGTERM when the flow dies (Linux; elsewhere a no-op)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    """In the server's process, before it runs: ask for SIGTERM when the flow dies."""
+    die_with_parent(signal.SIGTERM)
     if os.getppid() != parent:  # the flow died before the request took effect
         os._exit(1)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import logging
 import os
@@ -19,12 +20,17 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
 from fmnist_pl.callbacks import EPOCH_LINE_PREFIX
+
+if TYPE_CHECKING:
+    from fmnist_pl.pipeline.run_record import RunRecord
+    from fmnist_pl.pipeline.scheduling import TrainingQueue
 
 
 class StepFailed(RuntimeError):
@@ -35,18 +41,42 @@ class BadInputError(StepFailed):
     """The CLI rejected an option, the data, a checkpoint or the machine (exit code 2): retrying cannot help."""
 
 
-STOPPING = threading.Event()  # set when a flow run stops or fails: waiting trainings give up instead of starting
-LIVE_CHILDREN: set[subprocess.Popen] = set()  # step subprocesses, stopped with the flow (stop_children)
+@dataclasses.dataclass
+class RunContext:
+    """What the flow run in this process shares among its task threads, and what reaches it from outside them (a
+    signal handler, the server watch, a Dask client stopping its workers): whether it is stopping (waiting
+    trainings then give up instead of starting), its live step subprocesses, its run.json and its training queue
+    (the local runner's). One at a time: begin_run() starts the next."""
+
+    stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
+    children: set[subprocess.Popen] = dataclasses.field(default_factory=set)
+    record: RunRecord | None = None
+    queue: TrainingQueue | None = None
 
 
-def stopping() -> bool:
-    """Whether the flow run in this process is stopping."""
-    return STOPPING.is_set()
+_run = RunContext()
+
+
+def current_run() -> RunContext:
+    """The context of the flow run in this process (on a Dask worker: of the run whose steps it runs)."""
+    return _run
 
 
 def begin_run() -> None:
     """A new flow run in this process: whatever stopped an earlier one no longer applies."""
-    STOPPING.clear()
+    global _run
+    _run = RunContext()
+
+
+def allow_steps() -> None:
+    """On a Dask worker, as a run begins: an earlier run's stop no longer holds back steps. The steps it is running
+    (another flow's, into the same cluster) stay tracked, so that their flow can still stop them."""
+    _run.stopping.clear()
+
+
+def stopping() -> bool:
+    """Whether the flow run in this process is stopping."""
+    return _run.stopping.is_set()
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -97,15 +127,22 @@ def step_environment(threads: int | None) -> dict[str, str]:
     return environment
 
 
-def prepare_step_process(die_with_parent: bool) -> None:
+def die_with_parent(signum: int) -> None:
+    """In a child process before it runs: the kernel sends it `signum` when its parent dies (Linux; elsewhere a
+    no-op)."""
+    PR_SET_PDEATHSIG = 1  # linux/prctl.h
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+
+
+def prepare_step_process(on_dask_worker: bool) -> None:
     """In a step's process before it runs: Ctrl-C in a terminal reaches the whole process group, and the flow
     decides, then stops this command. On a Dask worker the command also dies with the worker: a worker killed
     outright has its step retried on another, which resumes from the last checkpoint once this one no longer holds
     the step's lock. (In the flow's own process a training outlives a killed flow, and the next run waits for it.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if die_with_parent and sys.platform == "linux":
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if on_dask_worker:
+        die_with_parent(signal.SIGKILL)
 
 
 def run_step_command(
@@ -117,7 +154,8 @@ def run_step_command(
     logger = run_logger()
     command = [*shlex.split(launcher), sys.executable, "-m", "fmnist_pl", *args]
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    if STOPPING.is_set():
+    run = current_run()
+    if run.stopping.is_set():
         raise StepFailed("the pipeline is stopping")
     with open(log_file, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
@@ -131,9 +169,9 @@ def run_step_command(
             # The step folder's lock travels with the command: if this flow is killed outright, a training that
             # outlives it still owns the folder, and the next run waits for it instead of training beside it.
             pass_fds=tuple(keep_open),
-            preexec_fn=functools.partial(prepare_step_process, die_with_parent=in_dask_worker()),
+            preexec_fn=functools.partial(prepare_step_process, on_dask_worker=in_dask_worker()),
         )
-        LIVE_CHILDREN.add(process)
+        run.children.add(process)
         try:
             for line in process.stdout:
                 log.write(line)
@@ -142,7 +180,7 @@ def run_step_command(
                     logger.info(line.rstrip())
             process.wait()
         finally:
-            LIVE_CHILDREN.discard(process)
+            run.children.discard(process)
             if process.poll() is None:  # the flow is stopping: do not leave a training running on its own
                 stop_process_tree(process)
     if process.returncode != 0:
@@ -172,6 +210,7 @@ def stop_process_tree(process: subprocess.Popen) -> None:
 def stop_children() -> None:
     """The flow is stopping (Prefect's SIGTERM handler, Ctrl-C, a failure): no training is left running on its
     own, none waiting starts, no step retries."""
-    STOPPING.set()
-    for process in list(LIVE_CHILDREN):
+    run = current_run()
+    run.stopping.set()
+    for process in list(run.children):
         stop_process_tree(process)

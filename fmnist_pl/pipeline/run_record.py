@@ -3,14 +3,49 @@ and, on failure, which step and why), `outputs/latest`, and earlier runs whose p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
 from datetime import datetime
 from pathlib import Path
 
+import psutil
+
 from fmnist_pl import layout
 from fmnist_pl.io import write_record_on_failure, write_text_atomic
+from fmnist_pl.pipeline.processes import current_run
+
+
+@dataclasses.dataclass(frozen=True)
+class DataRecord:
+    """The download step's result: the verified data's folder, and its files' and decoded tensors' checksums (a
+    step's cache key names the data it was trained on by them)."""
+
+    source_dir: str
+    sha256: dict[str, str]
+    wall_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """A finished training, evaluation or export step: what its task returns, its done.json and its entry in
+    run.json. `dir` is where the step folder is now; an evaluation or export names its training by folder name."""
+
+    network: str
+    seed: int
+    dir: str
+    wall_seconds: float
+    worker: dict | None = None  # the host and PID of the process that ran it (none in records before 0.6)
+    resumed: bool = False
+    train_dir: str | None = None
+    cached: bool = False
+
+    @classmethod
+    def from_record(cls, record: dict, **fields: object) -> StepResult:
+        """A done.json's result, with `fields` (where the folder is now, whether reused) set."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in record.items() if k in known}, **fields})
 
 
 class RunRecord:
@@ -33,9 +68,9 @@ class RunRecord:
     def running(self) -> bool:
         return self.fields["status"] == "running"
 
-    def step_done(self, step: str, result: dict) -> None:
+    def step_done(self, step: str, result: StepResult | DataRecord | dict) -> None:
         """A step finished with `result`."""
-        self.fields["steps"][step] = result
+        self.fields["steps"][step] = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
         self._write()
 
     def end(self, status: str, error: BaseException | str | None = None, step: str | None = None) -> None:
@@ -62,12 +97,9 @@ def write_record(file: Path, fields: dict) -> None:
         write_record_on_failure(file, text)
 
 
-CURRENT: dict[str, RunRecord] = {}  # the flow run's record, for a failure seen from outside the flow
-
-
 def record_lost(message: str) -> None:
     """Mark the running flow's record failed with `message`, from outside the flow (its server is gone)."""
-    record = CURRENT.get("run")
+    record = current_run().record
     if record is not None and record.running:
         record.end("failed", message)
 
@@ -94,17 +126,6 @@ def point_latest_at(run_dir: Path) -> None:
     os.replace(latest, run_dir.parent / layout.LATEST)  # atomic: never a moment without a `latest`
 
 
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process, alive
-        return True
-    return True
-
-
 def mark_dead_runs(output_dir: Path, by: Path) -> list[Path]:
     """Earlier runs on this machine whose record still says running but whose process is gone (killed, or the
     machine went down) are marked "killed", so that run.json tells the truth. Returns them."""
@@ -118,7 +139,7 @@ def mark_dead_runs(output_dir: Path, by: Path) -> list[Path]:
             record.get("status") == "running"
             and record.get("host") == socket.gethostname()
             and isinstance(record.get("pid"), int)
-            and not process_alive(record["pid"])
+            and not psutil.pid_exists(record["pid"])
         ):
             record.update(status="killed", ended=f"found without its process (PID {record['pid']}) by {by.name}")
             write_record(record_file, record)

@@ -11,6 +11,7 @@ file-system lock manager leaves a killed holder's lock in place until it expires
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -27,6 +28,7 @@ from fmnist_pl.errors import ConfigError
 from fmnist_pl.io import file_sha256, write_text_atomic
 from fmnist_pl.module import read_checkpoint
 from fmnist_pl.pipeline.processes import run_logger, stopping
+from fmnist_pl.pipeline.run_record import DataRecord, StepResult
 
 
 def step_key(**inputs: object) -> str:
@@ -34,7 +36,9 @@ def step_key(**inputs: object) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def training_key(network: str, seed: int, config: Path, fit_options: list[str], data: dict, threads: int | None) -> str:
+def training_key(
+    network: str, seed: int, config: Path, fit_options: list[str], data: DataRecord, threads: int | None
+) -> str:
     """A training step's cache key: what decides its result. The `fit` options (less the data's folder: its
     checksums stand in), the seed, the config's text, the code's version and the CPU threads (they change a
     convolution's sums). The launcher changes how, not what."""
@@ -43,32 +47,32 @@ def training_key(network: str, seed: int, config: Path, fit_options: list[str], 
         network=network,
         seed=seed,
         config=config.read_text(),
-        data=data["sha256"],
+        data=data.sha256,
         version=__version__,
         options=fit_options,
         threads=threads,
     )
 
 
-def export_key(checkpoint: Path, data: dict) -> str:
+def export_key(checkpoint: Path, data: DataRecord) -> str:
     """An export step's cache key: the checkpoint's bytes, the data its parity check runs on, and the code."""
-    return step_key(step="export", checkpoint=file_sha256(checkpoint), data=data["sha256"], version=__version__)
+    return step_key(step="export", checkpoint=file_sha256(checkpoint), data=data.sha256, version=__version__)
 
 
-def evaluation_key(checkpoint: Path, data: dict, training_split: bool) -> str:
+def evaluation_key(checkpoint: Path, data: DataRecord, training_split: bool) -> str:
     """An evaluation step's cache key: the bytes of the checkpoint it evaluates (a retrained or replaced
     checkpoint is evaluated again; a moved or copied one is the same), the data, the code, and whether it predicts
     the training split too."""
     return step_key(
         step="evaluate",
         checkpoint=file_sha256(checkpoint),
-        data=data["sha256"],
+        data=data.sha256,
         version=__version__,
         training_split=training_split,
     )
 
 
-def reuse_finished(work: Path, what: str, outputs: list[Path]) -> dict | None:
+def reuse_finished(work: Path, what: str, outputs: list[Path]) -> StepResult | None:
     """A finished step's recorded result, if `work` holds one whose promised `outputs` are all still there, with
     the sizes recorded (and each checkpoint still a whole zip archive). The result's `dir` is where the step is
     now, so a moved or copied output folder reuses its own files. A record whose files are gone or changed is set
@@ -79,6 +83,7 @@ def reuse_finished(work: Path, what: str, outputs: list[Path]) -> dict | None:
     try:
         record = json.loads(done.read_text())
         sizes = record.pop("outputs", None)  # None: a record of version 0.4.0, which kept no sizes
+        result = StepResult.from_record(record, dir=str(work), cached=True)
     except (ValueError, TypeError, AttributeError):
         problem = "its done.json is damaged"
     else:
@@ -90,7 +95,7 @@ def reuse_finished(work: Path, what: str, outputs: list[Path]) -> dict | None:
         run_logger().warning(f"not reusing finished {what} in {work}: {problem}; it runs again ({aside.name} kept)")
         return None
     run_logger().info(f"reusing finished {what} {work}")
-    return {**record, "dir": str(work), "cached": True}
+    return result
 
 
 def output_problem(work: Path, path: Path, sizes: dict | None) -> str | None:
@@ -107,16 +112,16 @@ def output_problem(work: Path, path: Path, sizes: dict | None) -> str | None:
     return None
 
 
-def mark_finished(work: Path, result: dict, outputs: list[Path]) -> dict:
+def mark_finished(work: Path, result: StepResult, outputs: list[Path]) -> StepResult:
     """Record a step's result in its folder, from then on reused; only when every output it promises exists. The
     record names no absolute path (`dir` is the folder itself), and holds each output's size for reuse_finished."""
     missing = [str(path.relative_to(work)) for path in outputs if not path.is_file()]
     if missing:
         raise RuntimeError(f"{work.name} ended without writing {', '.join(missing)}; see its log in {work}")
     sizes = {path.relative_to(work).as_posix(): path.stat().st_size for path in outputs}
-    record = {key: value for key, value in result.items() if key != "dir"}
+    record = {key: value for key, value in dataclasses.asdict(result).items() if key not in ("dir", "cached")}
     write_text_atomic(work / "done.json", json.dumps({**record, "outputs": sizes}, indent=2) + "\n")
-    return {**result, "dir": str(work), "cached": False}
+    return dataclasses.replace(result, dir=str(work), cached=False)
 
 
 @contextlib.contextmanager

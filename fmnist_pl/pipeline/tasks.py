@@ -9,12 +9,13 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
+from typing import IO
 
 from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from fmnist_pl import layout
@@ -22,8 +23,8 @@ from fmnist_pl.cli import USER_ERRORS
 from fmnist_pl.errors import DownloadError
 from fmnist_pl.fashion_mnist import load_dataset
 from fmnist_pl.io import naming_place, place_error
-from fmnist_pl.pipeline.processes import BadInputError, log_into, run_step_command, stopping
-from fmnist_pl.pipeline.scheduling import training_queue
+from fmnist_pl.pipeline.processes import BadInputError, current_run, log_into, run_step_command, stopping
+from fmnist_pl.pipeline.run_record import DataRecord, StepResult
 from fmnist_pl.pipeline.settings import PipelineSettings, options
 from fmnist_pl.pipeline.step_cache import (
     evaluation_key,
@@ -67,17 +68,16 @@ def worker_words() -> str:
 
 
 @task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_unless_bad_input, task_run_name="download")
-def download_data(data_dir: str | None, require_official: bool) -> dict:
+def download_data(data_dir: str | None, require_official: bool) -> DataRecord:
     """Find or download Fashion-MNIST, verify it and cache the decoded tensors; return its folder and checksums."""
     started = time.perf_counter()
     tensors = load_dataset(data_dir, require_official=require_official, option="--data-dir")  # as prepare_data
     get_run_logger().info(f"Fashion-MNIST from {tensors.source_dir}, verified")
-    return {
-        "source_dir": tensors.source_dir,
-        # The decoded tensors' own checksum beside the files': a step's key then names the data it was trained on.
-        "sha256": {**tensors.sha256, "decoded": tensors.digest()},
-        "wall_seconds": round(time.perf_counter() - started, 2),
-    }
+    return DataRecord(
+        source_dir=tensors.source_dir,
+        sha256={**tensors.sha256, "decoded": tensors.digest()},
+        wall_seconds=round(time.perf_counter() - started, 2),
+    )
 
 
 def fit_options(settings: PipelineSettings) -> list[str]:
@@ -104,67 +104,72 @@ def step_task(run_name: str, backoff_seconds: float) -> Callable[[Callable], Tas
     )
 
 
+def cached_step(
+    work: Path, what: str, outputs: list[Path], run: Callable[[IO], dict], turn: ContextManager | None = None
+) -> StepResult:
+    """A step's recorded result if its folder `work` holds a finished one; else, in its turn and owning the folder,
+    `run(lock)`'s (the step's own result fields; `lock` travels with a command that outlives the flow), recorded."""
+    if finished := reuse_finished(work, what, outputs):
+        return finished
+    with turn or contextlib.nullcontext(), step_lock(work) as lock, naming_place(work):
+        if finished := reuse_finished(work, what, outputs):  # another run finished it meanwhile
+            return finished
+        started = time.perf_counter()
+        fields = run(lock)
+        result = StepResult(
+            dir=str(work), wall_seconds=round(time.perf_counter() - started, 2), worker=this_worker(), **fields
+        )
+        return mark_finished(work, result, outputs)
+
+
 @step_task("train-{network}-seed{seed}", backoff_seconds=10)
 def train_model(
     network: str,
     seed: int,
     settings: PipelineSettings,
-    data: dict,
+    data: DataRecord,
     steps_dir: str,
     threads: int | None = None,
-    budget: int = 1,
     ticket: int = 0,
-) -> dict:
+) -> StepResult:
     """`fmnist-pl fit` for one network and seed; cached on its inputs, resumed from last.ckpt after an interruption.
-    On the local runner trainings start in `ticket` order within a budget of `budget` threads (scheduling.py); on
-    a Dask cluster (`budget` 0) its scheduler decides."""
-    queue = training_queue(str(flow_run.id), budget) if budget else None
-    logger = get_run_logger()
+    On the local runner trainings start in `ticket` order within the run's thread budget (scheduling.py); on a
+    Dask worker, which has no queue, the cluster's scheduler decides."""
+    queue = current_run().queue
     fit = fit_options(settings)
     key = training_key(network, seed, settings.config_file(network), fit, data, threads)
     work = layout.TrainingFolder(layout.step_folder(Path(steps_dir), "train", network, seed, key))
-    what = f"{network} seed {seed} training"
+
+    def train(lock: IO) -> dict:
+        resume = work.last_checkpoint.is_file() and not set_aside_if_damaged(work.last_checkpoint)
+        if not resume:  # an earlier attempt's best.ckpt must never be what this training's evaluation loads
+            set_aside_stale_checkpoints(work.best_checkpoint.parent)
+        get_run_logger().info(
+            f"training{' (resuming)' if resume else ''}{f' on {threads} thread(s)' if threads else ''} "
+            f"{worker_words()}; log: {work.log}"
+        )
+        run_step_command(
+            [
+                "fit",
+                f"--config={settings.config_file(network)}",
+                *fit,
+                f"--data.data_dir={data.source_dir}",
+                f"--seed_everything={seed}",
+                *log_into(work.path),
+                "--trainer.enable_progress_bar=false",
+                *([f"--ckpt_path={work.last_checkpoint}"] if resume else []),
+            ],
+            work.log,
+            threads=threads,
+            launcher=settings.train_launcher or "",
+            keep_open=(lock.fileno(),),
+        )
+        return {"network": network, "seed": seed, "resumed": resume}
+
     outputs = [work.best_checkpoint, work.last_checkpoint, work.history]
     try:
-        if finished := reuse_finished(work.path, what, outputs):
-            return finished
-        turn = queue.turn(ticket, threads or 1) if queue else contextlib.nullcontext()
-        with turn, step_lock(work.path) as lock, naming_place(work.path):
-            if finished := reuse_finished(work.path, what, outputs):  # another run finished it meanwhile
-                return finished
-            resume = work.last_checkpoint.is_file() and not set_aside_if_damaged(work.last_checkpoint)
-            if not resume:  # an earlier attempt's best.ckpt must never be what this training's evaluation loads
-                set_aside_stale_checkpoints(work.best_checkpoint.parent)
-            logger.info(
-                f"training{' (resuming)' if resume else ''}{f' on {threads} thread(s)' if threads else ''} "
-                f"{worker_words()}; log: {work.log}"
-            )
-            started = time.perf_counter()
-            run_step_command(
-                [
-                    "fit",
-                    f"--config={settings.config_file(network)}",
-                    *fit,
-                    f"--data.data_dir={data['source_dir']}",
-                    f"--seed_everything={seed}",
-                    *log_into(work.path),
-                    "--trainer.enable_progress_bar=false",
-                    *([f"--ckpt_path={work.last_checkpoint}"] if resume else []),
-                ],
-                work.log,
-                threads=threads,
-                launcher=settings.train_launcher or "",
-                keep_open=(lock.fileno(),),
-            )
-            result = {
-                "network": network,
-                "seed": seed,
-                "dir": str(work.path),
-                "wall_seconds": round(time.perf_counter() - started, 2),
-                "worker": this_worker(),
-                "resumed": resume,
-            }
-            return mark_finished(work.path, result, outputs)
+        turn = queue.turn(ticket, threads or 1) if queue else None
+        return cached_step(work.path, f"{network} seed {seed} training", outputs, train, turn)
     finally:
         if queue:
             queue.pass_turn(ticket)  # whatever happened, later trainings are not held up
@@ -172,24 +177,17 @@ def train_model(
 
 @step_task("evaluate-{network}-seed{seed}", backoff_seconds=5)
 def evaluate_model(
-    network: str, seed: int, trained: dict, settings: PipelineSettings, data: dict, steps_dir: str
-) -> dict:
+    network: str, seed: int, trained: StepResult, settings: PipelineSettings, data: DataRecord, steps_dir: str
+) -> StepResult:
     """`fmnist-pl evaluate` on the best checkpoint: test metrics and predictions, and for the run's first seed the
     training split's predictions too (the report shows the first seed's training-set confusion matrix only)."""
     training_split = seed == settings.seeds[0]
-    best = layout.TrainingFolder(Path(trained["dir"])).best_checkpoint  # where the training is now, moved or not
+    best = layout.TrainingFolder(Path(trained.dir)).best_checkpoint  # where the training is now, moved or not
     key = evaluation_key(best, data, training_split)
     work = layout.EvaluationFolder(layout.step_folder(Path(steps_dir), "evaluate", network, seed, key))
-    what = f"{network} seed {seed} evaluation"
-    outputs = [work.test_metrics, work.confusion_test, work.predictions("test")]
-    outputs += [work.predictions("train")] * training_split
-    if finished := reuse_finished(work.path, what, outputs):
-        return finished
-    with step_lock(work.path), naming_place(work.path):
-        if finished := reuse_finished(work.path, what, outputs):
-            return finished
+
+    def evaluate(lock: IO) -> dict:
         get_run_logger().info(f"evaluating {worker_words()}; log: {work.log}")
-        started = time.perf_counter()
         run_step_command(
             [
                 "evaluate",
@@ -197,7 +195,7 @@ def evaluate_model(
                 f"--ckpt_path={best}",
                 # What decides a test result besides the checkpoint: the data, its split, the accelerator; on one
                 # device, since DDP would pad the test set to a multiple of the ranks.
-                f"--data.data_dir={data['source_dir']}",
+                f"--data.data_dir={data.source_dir}",
                 *options(
                     ("--data.val_size", settings.val_size), ("--data.require_official", settings.require_official)
                 ),
@@ -212,54 +210,39 @@ def evaluate_model(
             work.log,
         )
         # The training by its folder's name: both live in the same steps folder, wherever it is moved.
-        result = {
-            "network": network,
-            "seed": seed,
-            "dir": str(work.path),
-            "train_dir": Path(trained["dir"]).name,
-            "wall_seconds": round(time.perf_counter() - started, 2),
-            "worker": this_worker(),
-        }
-        return mark_finished(work.path, result, outputs)
+        return {"network": network, "seed": seed, "train_dir": Path(trained.dir).name}
+
+    outputs = [work.test_metrics, work.confusion_test, work.predictions("test")]
+    outputs += [work.predictions("train")] * training_split
+    return cached_step(work.path, f"{network} seed {seed} evaluation", outputs, evaluate)
 
 
 @step_task("export-{network}-seed{seed}", backoff_seconds=5)
 def export_model(
-    network: str, seed: int, trained: dict, settings: PipelineSettings, data: dict, steps_dir: str
-) -> dict:
+    network: str, seed: int, trained: StepResult, settings: PipelineSettings, data: DataRecord, steps_dir: str
+) -> StepResult:
     """`fmnist-pl export` of a training's best checkpoint: model.onnx (checked against PyTorch on the test set),
     model.json and the model card."""
-    best = layout.TrainingFolder(Path(trained["dir"])).best_checkpoint
+    best = layout.TrainingFolder(Path(trained.dir)).best_checkpoint
     work = layout.step_folder(Path(steps_dir), "export", network, seed, export_key(best, data))
-    what = f"{network} seed {seed} export"
-    outputs = [work / layout.ONNX_MODEL, work / layout.MODEL_DESCRIPTION, work / layout.MODEL_CARD]
-    if finished := reuse_finished(work, what, outputs):
-        return finished
-    with step_lock(work), naming_place(work):
-        if finished := reuse_finished(work, what, outputs):
-            return finished
-        log = work / "export.log"
+    log = work / "export.log"
+
+    def export(lock: IO) -> dict:
         get_run_logger().info(f"exporting to ONNX {worker_words()}; log: {log}")
-        started = time.perf_counter()
         run_step_command(
             [
                 "export",
                 f"--ckpt_path={best}",
                 f"--output_dir={work}",
-                f"--data.data_dir={data['source_dir']}",
+                f"--data.data_dir={data.source_dir}",
                 *options(("--data.require_official", settings.require_official)),
             ],
             log,
         )
-        result = {
-            "network": network,
-            "seed": seed,
-            "dir": str(work),
-            "train_dir": Path(trained["dir"]).name,
-            "wall_seconds": round(time.perf_counter() - started, 2),
-            "worker": this_worker(),
-        }
-        return mark_finished(work, result, outputs)
+        return {"network": network, "seed": seed, "train_dir": Path(trained.dir).name}
+
+    outputs = [work / layout.ONNX_MODEL, work / layout.MODEL_DESCRIPTION, work / layout.MODEL_CARD]
+    return cached_step(work, f"{network} seed {seed} export", outputs, export)
 
 
 @task(retries=1, task_run_name="report")
