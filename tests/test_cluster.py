@@ -43,6 +43,17 @@ def wait_for_workers(address: str, count: int, timeout: float = 60) -> list[int]
         return sorted(client.run(os.getpid).values())
 
 
+def stop_processes(processes: list[subprocess.Popen]) -> None:
+    """Stop a fixture's scheduler, workers and server, the last started first."""
+    for process in reversed(processes):
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 @pytest.fixture(scope="module")
 def loopback_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[int]]]:
     """`dask scheduler` and two `dask worker` processes on loopback, each worker in its own working folder and
@@ -66,13 +77,7 @@ def loopback_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     try:
         yield address, wait_for_workers(address, 2)
     finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes)
         log.close()
 
 
@@ -368,15 +373,7 @@ def separate_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
             for command, env, cwd in commands
         ]
 
-        @stack.callback
-        def stop() -> None:
-            for process in reversed(processes):
-                process.terminate()
-            for process in processes:
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+        stack.callback(stop_processes, processes)
 
         worker_pids = wait_for_workers(address, 2)
         deadline = time.monotonic() + 120

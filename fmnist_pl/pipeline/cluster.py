@@ -158,6 +158,9 @@ def step_runner(dask_address: str | None, dask_workers: int | None) -> Iterator[
     if dask_address:
         runner = DaskTaskRunner(address=dask_address, client_kwargs={"timeout": CONNECT_SECONDS})
     else:  # one machine: its cores shared out among the workers, each declaring its share
+        # The LocalCluster's worker processes print into this console: Dask's configuration from the environment
+        # (read when a worker starts, or restarts after a kill) keeps their start-up lines out of it too.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
         threads = max(1, (os.cpu_count() or 1) // dask_workers)
         runner = DaskTaskRunner(
             cluster_kwargs={
