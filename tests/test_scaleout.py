@@ -162,7 +162,7 @@ def test_the_work_pool_deployment_in_prefect_yaml_runs_on_a_worker_to_a_report(
         return result.stdout
 
     prefect("work-pool", "create", pool, "--type", "process")
-    for name in ("nightly", "cluster"):  # the deployments defined in prefect.yaml
+    for name in ("nightly", "cluster", "sweep"):  # the deployments defined in prefect.yaml
         prefect("deploy", "--name", name, "--pool", pool)
 
     from prefect.client.orchestration import get_client
@@ -171,6 +171,10 @@ def test_the_work_pool_deployment_in_prefect_yaml_runs_on_a_worker_to_a_report(
         nightly = client.read_deployment_by_name("fmnist-full-pipeline/nightly")
         assert nightly.work_pool_name == pool and [s.schedule.cron for s in nightly.schedules] == ["0 3 * * *"]
         assert nightly.parameters == {}  # the flow's defaults, as `serve` registers them
+        sweep = client.read_deployment_by_name("fmnist-sweep/sweep")  # the sweep's form: every SweepSettings field
+        assert sweep.parameters == {"settings": {"network": "dense", "trials": 20}}
+        form = sweep.parameter_openapi_schema["definitions"]["SweepSettings"]["properties"]
+        assert {"network", "trials", "parallel", "storage", "confirm_seeds", "dask_address"} <= set(form)
         deployment = client.read_deployment_by_name("fmnist-full-pipeline/cluster")
         assert deployment.work_pool_name == pool and deployment.parameters == {"settings": {"dask_workers": 2}}
         # The cluster deployment's run, as the UI's form sends it: its settings with the tiny data's.

@@ -122,6 +122,44 @@ def cached_step(
         return mark_finished(work, result, outputs)
 
 
+def fit_into(
+    work: layout.TrainingFolder,
+    config: Path,
+    fit: list[str],
+    seed: int,
+    data: DataRecord,
+    lock: IO,
+    threads: int | None = None,
+    launcher: str | None = None,
+) -> bool:
+    """`fmnist-pl fit --config CONFIG FIT...` into a training step's folder, from its last.ckpt if an interrupted
+    attempt left one (a damaged one is set aside); True if it resumed. `lock` travels with the command."""
+    resume = work.last_checkpoint.is_file() and not set_aside_if_damaged(work.last_checkpoint)
+    if not resume:  # an earlier attempt's best.ckpt must never be what this training's evaluation loads
+        set_aside_stale_checkpoints(work.best_checkpoint.parent)
+    get_run_logger().info(
+        f"training{' (resuming)' if resume else ''}{f' on {threads} thread(s)' if threads else ''} "
+        f"{worker_words()}; log: {work.log}"
+    )
+    run_step_command(
+        [
+            "fit",
+            f"--config={config}",
+            *fit,
+            f"--data.data_dir={data.source_dir}",
+            f"--seed_everything={seed}",
+            *log_into(work.path),
+            "--trainer.enable_progress_bar=false",
+            *([f"--ckpt_path={work.last_checkpoint}"] if resume else []),
+        ],
+        work.log,
+        threads=threads,
+        launcher=launcher or "",
+        keep_open=(lock.fileno(),),
+    )
+    return resume
+
+
 @step_task("train-{network}-seed{seed}", backoff_seconds=10)
 def train_model(
     network: str,
@@ -131,40 +169,21 @@ def train_model(
     steps_dir: str,
     threads: int | None = None,
     ticket: int = 0,
+    config: str | None = None,
 ) -> StepResult:
     """`fmnist-pl fit` for one network and seed; cached on its inputs, resumed from last.ckpt after an interruption.
     On the local runner trainings start in `ticket` order within the run's thread budget (scheduling.py); on a
-    Dask worker, which has no queue, the cluster's scheduler decides."""
+    Dask worker, which has no queue, the cluster's scheduler decides. `config`: another config file than the
+    profile's (a sweep's best.yaml)."""
     queue = current_run().queue
     fit = fit_options(settings)
-    key = training_key(network, seed, settings.config_file(network), fit, data, threads)
+    config_file = Path(config) if config else settings.config_file(network)
+    key = training_key(network, seed, config_file, fit, data, threads)
     work = layout.TrainingFolder(layout.step_folder(Path(steps_dir), "train", network, seed, key))
 
     def train(lock: IO) -> dict:
-        resume = work.last_checkpoint.is_file() and not set_aside_if_damaged(work.last_checkpoint)
-        if not resume:  # an earlier attempt's best.ckpt must never be what this training's evaluation loads
-            set_aside_stale_checkpoints(work.best_checkpoint.parent)
-        get_run_logger().info(
-            f"training{' (resuming)' if resume else ''}{f' on {threads} thread(s)' if threads else ''} "
-            f"{worker_words()}; log: {work.log}"
-        )
-        run_step_command(
-            [
-                "fit",
-                f"--config={settings.config_file(network)}",
-                *fit,
-                f"--data.data_dir={data.source_dir}",
-                f"--seed_everything={seed}",
-                *log_into(work.path),
-                "--trainer.enable_progress_bar=false",
-                *([f"--ckpt_path={work.last_checkpoint}"] if resume else []),
-            ],
-            work.log,
-            threads=threads,
-            launcher=settings.train_launcher or "",
-            keep_open=(lock.fileno(),),
-        )
-        return {"network": network, "seed": seed, "resumed": resume}
+        resumed = fit_into(work, config_file, fit, seed, data, lock, threads, settings.train_launcher)
+        return {"network": network, "seed": seed, "resumed": resumed}
 
     outputs = [work.best_checkpoint, work.last_checkpoint, work.history]
     try:
@@ -177,10 +196,17 @@ def train_model(
 
 @step_task("evaluate-{network}-seed{seed}", backoff_seconds=5)
 def evaluate_model(
-    network: str, seed: int, trained: StepResult, settings: PipelineSettings, data: DataRecord, steps_dir: str
+    network: str,
+    seed: int,
+    trained: StepResult,
+    settings: PipelineSettings,
+    data: DataRecord,
+    steps_dir: str,
+    config: str | None = None,
 ) -> StepResult:
     """`fmnist-pl evaluate` on the best checkpoint: test metrics and predictions, and for the run's first seed the
-    training split's predictions too (the report shows the first seed's training-set confusion matrix only)."""
+    training split's predictions too (the report shows the first seed's training-set confusion matrix only).
+    `config`: the training's, where it was not the profile's."""
     training_split = seed == settings.seeds[0]
     best = layout.TrainingFolder(Path(trained.dir)).best_checkpoint  # where the training is now, moved or not
     key = evaluation_key(best, data, training_split)
@@ -191,7 +217,7 @@ def evaluate_model(
         run_step_command(
             [
                 "evaluate",
-                f"--config={settings.config_file(network)}",
+                f"--config={config or settings.config_file(network)}",
                 f"--ckpt_path={best}",
                 # What decides a test result besides the checkpoint: the data, its split, the accelerator; on one
                 # device, since DDP would pad the test set to a multiple of the ranks.
