@@ -87,6 +87,13 @@ def trial_outcome(step: StepResult) -> dict:
     }
 
 
+def fail_and_ask_again(study: optuna.Study, storage: optuna.storages.BaseStorage, trial: object) -> None:
+    """A trial that will not finish (its sweep stopped or died): failed, and its options asked again first, so that
+    the next ask resumes its folder from the last checkpoint."""
+    storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+
+
 def requeue_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
     """Trials left running by a sweep on this machine that is gone (killed): marked failed, and their options asked
     again, so that they resume from their last checkpoints. Running trials of live sweeps (another machine sharing
@@ -96,16 +103,15 @@ def requeue_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStora
         owner = trial.user_attrs.get("sweep", {})
         if owner.get("host") != socket.gethostname() or psutil.pid_exists(owner.get("pid", -1)):
             continue
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        fail_and_ask_again(study, storage, trial)
         requeued.append(trial.number)
     return requeued
 
 
-def tell(study: optuna.Study, trial: optuna.Trial, outcome: dict) -> None:
+def tell(study: optuna.Study, storage: optuna.storages.BaseStorage, trial: optuna.Trial, outcome: dict) -> None:
     """Record a trial's result: its per-epoch accuracies where the fit did not report them itself (a reused or a
     resumed fit), its time and epochs, and its state."""
-    reported = trial.study._storage.get_trial(trial._trial_id).intermediate_values
+    reported = storage.get_trial(trial._trial_id).intermediate_values
     for epoch, value in enumerate(outcome["curve"]):
         if epoch not in reported:
             trial.report(value, step=epoch)
@@ -185,7 +191,7 @@ def sweep(settings: SweepSettings = SweepSettings()) -> str:  # noqa: B008 - imm
                         if failures > settings.trials:
                             raise RuntimeError(f"{failures} trials failed; see their logs in {steps_dir}") from e
                         continue
-                    tell(study, trial, outcome)
+                    tell(study, storage, trial, outcome)
                     print(
                         f"trial {trial.number}: {'pruned' if outcome['pruned'] else 'complete'}, best val acc "
                         f"{outcome['value']:.4f} in {outcome['epochs']} epoch(s), {outcome['seconds']:.0f} s"
@@ -194,8 +200,7 @@ def sweep(settings: SweepSettings = SweepSettings()) -> str:  # noqa: B008 - imm
         except BaseException:  # stopped (Ctrl-C, kill) or failed: no trial left running, each asked again next time
             steps.stop()
             for trial in running.values():
-                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+                fail_and_ask_again(study, storage, trial)
             raise
         best_yaml = write_best_config(study, settings, folder)
         confirmation = None
