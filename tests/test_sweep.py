@@ -210,6 +210,33 @@ def test_a_sweep_prunes_a_trial_that_cannot_learn_ends_with_n_trials_and_writes_
     assert "sweep-cnn-fast" in keys and "data:image/png;base64," in keys["sweep-cnn-fast"].data
 
 
+@pytest.mark.integration
+def test_a_trial_stopped_by_a_stop_signal_is_asked_again_not_counted_as_a_failure(
+    prefect_api: str, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop signal's handler sets the run's stop flag, and Prefect may swallow the exit it raises: the trial
+    it stopped fails as a step. The sweep must end as stopped with that trial asked again, not go on asking new
+    trials that fail at once (found: four failed trials and no retry after a Ctrl-C)."""
+    import optuna
+    from prefect import task
+
+    from fmnist_pl.pipeline.processes import StepFailed, current_run
+    from fmnist_pl.sweep import flow
+
+    @task(name="trial-stopped")
+    def stopped_trial(**inputs: object) -> None:
+        current_run().stopping.set()  # what the signal handler's stop_children() does
+        raise StepFailed("`fmnist-pl fit` failed (exit code -15): stopped")
+
+    monkeypatch.setattr(flow, "run_trial", stopped_trial)
+    settings = sweep_settings(tiny_data, tmp_path / "out", trials=3)
+    with pytest.raises(StepFailed, match="stopped"):
+        flow.sweep(settings)
+    study = optuna.load_study(study_name=settings.study_name(), storage=settings.storage_url())
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+    assert study.trials[1].system_attrs["fixed_params"] == study.trials[0].params
+
+
 def start_and_wait_for_trial(command: list[str], env: dict, log: Path, settings, number: int):
     """Start the sweep `command` (a new process group, as a terminal runs it); return the process and trial
     `number` once its fit has reported an epoch."""

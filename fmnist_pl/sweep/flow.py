@@ -18,7 +18,7 @@ from prefect.futures import PrefectFuture, wait
 
 from fmnist_pl import layout
 from fmnist_pl.pipeline.cluster import step_runner
-from fmnist_pl.pipeline.processes import begin_run
+from fmnist_pl.pipeline.processes import begin_run, stopping
 from fmnist_pl.pipeline.run_record import DataRecord, StepResult
 from fmnist_pl.pipeline.step_cache import training_key
 from fmnist_pl.pipeline.tasks import cached_step, download_data, fit_into, fit_options, step_task
@@ -185,6 +185,11 @@ def sweep(settings: SweepSettings = SweepSettings()) -> str:  # noqa: B008 - imm
                     try:
                         outcome = trial_outcome(future.result())
                     except Exception as e:
+                        # A stop signal's handler can be swallowed by the Prefect call it lands in; the trials that
+                        # it stopped then fail here. They are stopped, not failed: asked again like the others.
+                        if stopping():
+                            running[future] = trial
+                            raise
                         study.tell(trial, state=TrialState.FAIL)
                         failures += 1
                         print(f"trial {trial.number}: failed: {e}")
