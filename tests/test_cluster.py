@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-from conftest import FLOW_FILE, TINY_RUN_SEEDS, free_port, tiny_run_settings, tiny_settings, two_runs_trained_dense_once
+from conftest import FLOW_FILE, TINY_RUN_SEEDS, free_port, tiny_run_settings, tiny_settings
 
 from fmnist_pl import layout
 from fmnist_pl.errors import ConfigError
@@ -95,22 +95,20 @@ def test_a_run_on_the_cluster_trains_on_the_workers_and_matches_the_local_runner
     networks = one_thread_networks(tiny_run_settings(tiny_run))[:2]
     if len(networks) < 2:
         pytest.skip("this machine's local plan trains fewer than two networks on one thread")
-    settings = tiny_run_settings(tiny_run, tmp_path / "outputs", models=networks, dask_address=address)
+    seed = TINY_RUN_SEEDS[0]  # two trainings at once, one per one-thread worker; other seeds are the same code path
+    settings = tiny_run_settings(tiny_run, tmp_path / "outputs", models=networks, seeds=[seed], dask_address=address)
     run = layout.RunFolder(Path(pipeline.full_pipeline(settings)))
     steps = json.loads(run.record.read_text())["steps"]
     for network in networks:
-        for seed in TINY_RUN_SEEDS:
-            for step in ("train", "evaluate"):
-                worker = steps[layout.step_name(step, network, seed)]["worker"]
-                assert worker["pid"] in worker_pids and worker["pid"] != os.getpid(), (step, network, seed, worker)
-            on_cluster = json.loads(run.evaluation(network, seed).test_metrics.read_text())
-            local = json.loads(layout.RunFolder(tiny_run).evaluation(network, seed).test_metrics.read_text())
-            assert on_cluster["accuracy"] == local["accuracy"], (network, seed)
-            assert on_cluster["loss"] == pytest.approx(local["loss"], rel=1e-6), (network, seed)
-    # Both workers took part: Dask spread the four trainings.
-    assert {steps[layout.step_name("train", n, s)]["worker"]["pid"] for n in networks for s in TINY_RUN_SEEDS} == set(
-        worker_pids
-    )
+        for step in ("train", "evaluate"):
+            worker = steps[layout.step_name(step, network, seed)]["worker"]
+            assert worker["pid"] in worker_pids and worker["pid"] != os.getpid(), (step, network, worker)
+        on_cluster = json.loads(run.evaluation(network, seed).test_metrics.read_text())
+        local = json.loads(layout.RunFolder(tiny_run).evaluation(network, seed).test_metrics.read_text())
+        assert on_cluster["accuracy"] == local["accuracy"], network
+        assert on_cluster["loss"] == pytest.approx(local["loss"], rel=1e-6), network
+    # Both workers took part: Dask spread the two trainings, one on each.
+    assert {steps[layout.step_name("train", n, seed)]["worker"]["pid"] for n in networks} == set(worker_pids)
 
 
 def test_a_scheduler_that_does_not_answer_is_one_line_before_prefect_starts(tiny_data: Path, tmp_path: Path) -> None:
@@ -284,12 +282,25 @@ def test_a_gpu_run_asks_dask_for_each_training_s_gpus_and_a_cpu_run_for_its_thre
 def test_two_runs_into_one_shared_folder_on_the_cluster_train_a_step_once(
     prefect_api: str, loopback_cluster: tuple[str, list[int]], tiny_data: Path, tmp_path: Path
 ) -> None:
+    """Both runs complete, and the training ran once, the other run reusing it: the step lock, which the local runner
+    takes in the same task code (this is its one test)."""
     address, _ = loopback_cluster
     args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size=100"]
     args += ["--epochs=3", "--accelerator=cpu", "--models", "dense", "--output-dir", str(tmp_path)]
-    two_runs_trained_dense_once(
-        [*args, "--dask-address", address], {**os.environ, "PREFECT_API_URL": prefect_api}, tmp_path
-    )
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    runs = [
+        subprocess.Popen([*args, "--dask-address", address], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=300)[0].decode() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert not any("Traceback" in text for text in outputs), outputs
+    (step,) = (tmp_path / "steps").glob("train-dense-seed0-*")
+    assert sum(line.startswith("$ ") for line in (step / "train.log").read_text().splitlines()) == 1
+    assert list(pd.read_csv(step / "history.csv")["epoch"]) == [0, 1, 2]
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("2*/run.json")]  # run folders, not `latest`
+    assert sorted(r["status"] for r in records) == ["completed", "completed"]
+    assert sorted(r["steps"]["train-dense-seed0"]["cached"] for r in records) == [False, True]  # one trained
 
 
 def run_ip(*args: str) -> None:
@@ -391,12 +402,13 @@ def test_workers_on_hosts_of_their_own_run_the_steps_report_them_to_prefect_and_
 ) -> None:
     address, api_url, worker_pids = separate_hosts
     settings = tiny_run_settings(tiny_run)
-    networks = one_thread_networks(settings)[:1]  # one network's two seeds: the loopback test covers the rest
+    networks = one_thread_networks(settings)[:1]  # one training: the loopback test covers two at once
+    seeds = TINY_RUN_SEEDS[:1]
     if not networks:
         pytest.skip("this machine's local plan trains no network on one thread")
     args = [sys.executable, str(FLOW_FILE), "--data-dir", settings.data_dir, "--no-require-official"]
     args += [f"--val-size={settings.val_size}", f"--epochs={settings.epochs}", "--accelerator=cpu"]
-    args += ["--models", *networks, "--seeds", *map(str, TINY_RUN_SEEDS), "--output-dir", str(tmp_path)]
+    args += ["--models", *networks, "--seeds", *map(str, seeds), "--output-dir", str(tmp_path)]
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:4200/api"}
     # The flow's Prefect API on loopback: workers on other hosts could never report to it; refused before any work.
     refused = subprocess.run([*args, "--dask-address", address], env=env, capture_output=True, text=True, timeout=120)
@@ -414,7 +426,7 @@ def test_workers_on_hosts_of_their_own_run_the_steps_report_them_to_prefect_and_
     run = layout.RunFolder((tmp_path / layout.LATEST).resolve())
     record = json.loads(run.record.read_text())
     for network in networks:
-        for seed in TINY_RUN_SEEDS:
+        for seed in seeds:
             for step in ("train", "evaluate"):
                 assert record["steps"][layout.step_name(step, network, seed)]["worker"]["pid"] in worker_pids
             on_cluster = json.loads(run.evaluation(network, seed).test_metrics.read_text())
@@ -429,7 +441,7 @@ def test_workers_on_hosts_of_their_own_run_the_steps_report_them_to_prefect_and_
     task_runs = httpx.post(f"{api_url}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}}).json()
     states = {r["name"]: r["state"]["type"] for r in task_runs}
     for network in networks:
-        for seed in TINY_RUN_SEEDS:
+        for seed in seeds:
             for step in ("train", "evaluate"):
                 assert states.get(layout.step_name(step, network, seed)) == "COMPLETED", states
     logs = httpx.post(

@@ -26,7 +26,6 @@ from conftest import (
     tiny_args,
     tiny_run_settings,
     tiny_settings,
-    two_runs_trained_dense_once,
 )
 
 from fmnist_pl.cli import main
@@ -350,30 +349,6 @@ def test_a_damaged_last_checkpoint_in_a_step_folder_is_set_aside_and_training_re
     assert list(pd.read_csv(step / "history.csv")["epoch"]) == [0, 1]  # retrained whole, history intact
     commands = [line for line in (step / "train.log").read_text().splitlines() if line.startswith("$ ")]
     assert len(commands) == 2 and "--ckpt_path" not in commands[1]
-
-
-@pytest.mark.integration
-def test_two_identical_runs_into_one_output_folder_train_each_step_once(
-    prefect_api: str, tiny_data: Path, tmp_path: Path
-) -> None:
-    args = [
-        sys.executable,
-        str(FLOW_FILE),
-        "--data-dir",
-        str(tiny_data),
-        "--no-require-official",
-        "--val-size",
-        "100",
-        "--accelerator",
-        "cpu",
-        "--output-dir",
-        str(tmp_path),
-        "--models",
-        "dense",
-        "--epochs",
-        "3",
-    ]
-    two_runs_trained_dense_once(args, {**os.environ, "PREFECT_API_URL": prefect_api}, tmp_path)
 
 
 @pytest.mark.integration

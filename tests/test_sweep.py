@@ -291,6 +291,7 @@ def test_a_stopped_or_killed_sweep_run_again_keeps_its_finished_trials_asks_the_
     again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "trials [2] were running when their sweep was killed: marked failed and asked again" in again.stderr
+    assert "fmnist-pl sweep: temporary Prefect server on http://" in again.stdout  # named as the sweep's own
     study = optuna.load_study(study_name=settings.study_name(), storage=settings.storage_url())
     states = {t.number: t.state.name for t in study.trials}
     assert states[0] == "FAIL" and states[1] == "COMPLETE" and states[2] == "FAIL"

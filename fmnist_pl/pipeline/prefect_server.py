@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -157,28 +158,30 @@ def server_log_file(output_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def prefect_api(output_dir: str) -> Iterator[None]:
+def prefect_api(output_dir: str, command: str = "pipeline") -> Iterator[None]:
     """The user's Prefect server where PREFECT_API_URL names one, else a temporary one that this run owns; either
-    is watched, and a run whose server stops answering ends in one line (`end_on_lost_server`)."""
+    is watched, and a run whose server stops answering ends in one line (`end_on_lost_server`). `command` names
+    the run in those lines: `fmnist-pl pipeline: ...`, `fmnist-pl sweep: ...`."""
+    lost = functools.partial(end_on_lost_server, command=command)
     with temporary_settings(updates=prefect_defaults()):
         if url := PREFECT_API_URL.value():
-            with watch_server(url, end_on_lost_server):
+            with watch_server(url, lost):
                 yield
             return
         log_file = server_log_file(Path(output_dir))
         with (
             temporary_server(log_file) as url,
             temporary_settings(updates={PREFECT_API_URL: url}),
-            watch_server(url, end_on_lost_server),
+            watch_server(url, lost),
         ):
-            print(f"fmnist-pl pipeline: temporary Prefect server on {url} (no PREFECT_API_URL set; log: {log_file})")
+            print(f"fmnist-pl {command}: temporary Prefect server on {url} (no PREFECT_API_URL set; log: {log_file})")
             yield
 
 
-def end_on_lost_server(message: str) -> None:
+def end_on_lost_server(message: str, command: str = "pipeline") -> None:
     """The run's Prefect server is gone: stop the trainings, record the failure, say so in one line and exit now.
     A normal exit would run Prefect's exit handlers, which retry their calls to the dead server for minutes."""
     stop_children()
     record_lost(message)
-    print(f"fmnist-pl pipeline failed: {message}", file=sys.stderr, flush=True)
+    print(f"fmnist-pl {command} failed: {message}", file=sys.stderr, flush=True)
     os._exit(1)

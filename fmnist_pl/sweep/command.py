@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(name).addFilter(OneLineFailures())
     signal.signal(signal.SIGTERM, stop_on_signal)
     signal.signal(signal.SIGINT, stop_on_signal)
-    with prefect_api(settings.output_dir):
+    with prefect_api(settings.output_dir, "sweep"):
         try:
             folder = sweep(settings)
         except (KeyboardInterrupt, SystemExit, Exception) as e:
