@@ -115,6 +115,33 @@ def test_the_confirmation_calls_the_winner_better_only_when_the_interval_exclude
     assert same["ci_low"] <= 0 <= same["ci_high"] and verdict(same) == "no detectable difference, keep the default"
 
 
+def test_of_equally_good_trials_the_one_with_fewest_epochs_is_best(tmp_path: Path) -> None:
+    import optuna
+
+    from fmnist_pl.configs import profile_config
+    from fmnist_pl.sweep.outputs import best_config, best_trial
+
+    epochs = optuna.distributions.IntDistribution(4, 8)
+    study = optuna.create_study(direction="maximize")
+    for value, n in ((0.9472, 6), (0.9472, 5), (0.9454, 4), (0.9472, 5)):  # 4736 of 5000 right, three times
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"trainer.max_epochs": n},
+                distributions={"trainer.max_epochs": epochs},
+                value=value,
+                user_attrs={"epochs": n},
+            )
+        )
+    assert study.best_trial.number == 0  # Optuna's: the first of the equals
+    assert best_trial(study).number == 1  # the cheaper recipe, the first of those
+    assert best_config(study, profile_config("fast", "bn_cnn"))["trainer"]["max_epochs"] == 5
+    better = optuna.trial.create_trial(
+        params={"trainer.max_epochs": 8}, distributions={"trainer.max_epochs": epochs}, value=0.95
+    )
+    study.add_trial(better)
+    assert best_trial(study).number == 4  # a better accuracy wins at any cost
+
+
 @pytest.mark.integration
 def test_an_option_fit_does_not_have_or_a_value_it_refuses_ends_the_command_in_one_line(tmp_path: Path) -> None:
     data = write_idx_dir(tmp_path / "fmnist")
