@@ -520,7 +520,7 @@ def test_a_lost_prefect_server_ends_the_run_in_one_line_within_seconds(tiny_data
         os.killpg(server.pid, signal.SIGKILL)
         lost = time.monotonic()
         output = flow.communicate(timeout=60)[0]
-        assert time.monotonic() - lost < 15  # not minutes of retries against a dead server
+        assert time.monotonic() - lost < 30  # not minutes of retries against a dead server (margin: a loaded CI)
     finally:
         for process in (flow, server):
             if process is not None and process.poll() is None:
