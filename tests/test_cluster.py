@@ -121,7 +121,7 @@ def test_a_scheduler_that_does_not_answer_is_one_line_before_prefect_starts(tiny
         cluster.check_cluster_reachable(address)
     # Our 5 s, not distributed's default 30 s connect timeout; the margin is for a loaded CI machine. The whole
     # command's time is not bounded here: its Python start-up is what a loaded machine stretches (25.2 s seen in CI).
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - started < 15, "the README promises this refusal within about 10 s"
     result = subprocess.run(
         [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official"]
         + ["--output-dir", str(tmp_path), "--dask-address", address],

@@ -520,7 +520,8 @@ def test_a_lost_prefect_server_ends_the_run_in_one_line_within_seconds(tiny_data
         os.killpg(server.pid, signal.SIGKILL)
         lost = time.monotonic()
         output = flow.communicate(timeout=60)[0]
-        assert time.monotonic() - lost < 30  # not minutes of retries against a dead server (margin: a loaded CI)
+        # Not minutes of retries against a dead server; the margin is for a loaded CI machine.
+        assert time.monotonic() - lost < 30, "the README promises a lost server ends the run within seconds"
     finally:
         for process in (flow, server):
             if process is not None and process.poll() is None:
@@ -714,7 +715,6 @@ def test_a_full_disk_fails_the_pipeline_in_one_line_without_retries(
     mount,
 ) -> None:
     full = mount("full", "size=2m")  # room for the run folder and logs, not for the dense net's 27 MB checkpoint
-    started = time.perf_counter()
     with pytest.raises(Exception, match="no space left on the device") as error:
         pipeline.full_pipeline(tiny_settings(tiny_data, full, models=["dense"], epochs=1))
     assert f"{full}/steps/train-dense-seed0-" in str(error.value).split("cannot write there")[0]  # names the folder
@@ -723,7 +723,6 @@ def test_a_full_disk_fails_the_pipeline_in_one_line_without_retries(
     assert log.read_text().count("$ ") == 1  # one attempt
     (record,) = full.glob("*/run.json")
     assert json.loads(record.read_text())["status"] == "failed"
-    assert time.perf_counter() - started < 120
 
 
 @pytest.mark.parametrize("case", ["val-size", "no folder", "half a file", "half a .gz file"])
@@ -756,7 +755,7 @@ def test_data_the_pipeline_can_check_is_refused_before_prefect_starts_in_its_own
         command.parse_args(argv)
     err = capsys.readouterr().err.splitlines()
     assert exit_.value.code == 2 and expected in err[0] and len(err) == 2  # the error, then the --help hint
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < 5, "the README promises these refusals within seconds"
 
 
 def test_a_stop_signal_wrapped_by_the_code_it_interrupted_still_ends_as_a_stop(
