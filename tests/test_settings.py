@@ -164,15 +164,19 @@ def test_importing_the_package_changes_nothing_global() -> None:
 
 def test_cpu_threads_follow_training_cost_and_use_every_core() -> None:
     shares = scheduling.cpu_thread_shares
-    costs = {"dense": 1.2e12, "cnn": 0.5e12, "bn_cnn": 11e12}  # estimates for the fast profile
+    costs = {"dense": 1.2e12, "cnn": 0.5e12, "bn_cnn": 11e12}  # one clearly dominant training
     assert shares(costs, 2) == {"dense": 1, "cnn": 1, "bn_cnn": 2}  # it would otherwise finish alone on one core
     assert shares(costs, 4) == {"dense": 1, "cnn": 1, "bn_cnn": 2}
     assert shares(costs, 8) == {"dense": 2, "cnn": 1, "bn_cnn": 5}
     assert sum(shares(costs, 16).values()) == 16
     assert shares({"dense": 1.2e12, "cnn": 0.5e12}, 2) == {"dense": 1, "cnn": 1}  # no clear winner: no oversubscribing
-    assert scheduling.training_cost(PipelineSettings(), "bn_cnn") > 5 * scheduling.training_cost(
-        PipelineSettings(), "dense"
-    )
+    # The fast profile: bn_cnn's 5 epochs are 78 % of the estimated work beside dense's 8, under the 80 % that
+    # oversubscribes, so on 2 cores it trains on one beside dense then cnn on the other (638.7 s for the pipeline,
+    # against about 700 s estimated for bn_cnn on both cores first: benchmarks/README.md, "The time condition").
+    profile = {network: scheduling.training_cost(PipelineSettings(), network) for network in ("dense", "cnn", "bn_cnn")}
+    assert 0.7 < profile["bn_cnn"] / sum(profile.values()) < 0.8
+    assert shares(profile, 2) == {"dense": 1, "cnn": 1, "bn_cnn": 1}
+    assert shares(profile, 8) == {"dense": 2, "cnn": 1, "bn_cnn": 5}
 
 
 def test_a_networks_threads_depend_on_the_profile_and_the_cores_only() -> None:
@@ -203,8 +207,8 @@ def test_the_flow_gives_a_network_the_same_threads_whatever_else_it_trains(
     for models, seeds in ((["bn_cnn"], [0]), (None, [0]), (None, [0, 1, 2]), (["cnn"], [0, 1])):
         with pytest.raises(RuntimeError, match="planned"):
             flow.full_pipeline.fn(PipelineSettings(models=models, seeds=seeds, output_dir=str(tmp_path)))
-    assert planned[("bn_cnn", 0)] == {(2, 2)}  # alone or beside the others, one seed or three
-    assert planned[("cnn", 0)] == planned[("cnn", 1)] == planned[("dense", 2)] == {(1, 2)}
+    # Alone or beside the others, one seed or three: the profile's plan for 2 cores, one thread each.
+    assert planned[("bn_cnn", 0)] == planned[("cnn", 0)] == planned[("cnn", 1)] == planned[("dense", 2)] == {(1, 2)}
 
 
 def test_training_queue_starts_trainings_in_ticket_order_within_its_budget() -> None:
