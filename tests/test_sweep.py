@@ -266,8 +266,15 @@ def test_a_trial_stopped_by_a_stop_signal_is_asked_again_not_counted_as_a_failur
 
 def start_and_wait_for_trial(command: list[str], env: dict, log: Path, settings, number: int):
     """Start the sweep `command` (a new process group, as a terminal runs it); return the process and trial
-    `number` once its fit has reported an epoch."""
+    `number` once its fit has reported an epoch and written the checkpoint a rerun resumes from (the epoch's
+    value reaches the study a moment before its last.ckpt: a kill in between rightly starts that trial afresh)."""
     import optuna
+
+    from fmnist_pl import layout
+
+    def every_trial_folder_has_a_checkpoint() -> bool:
+        folders = list((Path(settings.output_dir) / "steps").glob("trial-*"))
+        return bool(folders) and all((folder / layout.LAST_CHECKPOINT).is_file() for folder in folders)
 
     with open(log, "w") as out:
         process = subprocess.Popen(
@@ -279,7 +286,7 @@ def start_and_wait_for_trial(command: list[str], env: dict, log: Path, settings,
         with contextlib.suppress(Exception):  # the study's database may not exist yet
             study = optuna.load_study(study_name=settings.study_name(), storage=settings.storage_url())
             running = [t for t in study.trials if t.number == number and t.intermediate_values]
-            if running and running[0].state.name == "RUNNING":
+            if running and running[0].state.name == "RUNNING" and every_trial_folder_has_a_checkpoint():
                 return process, running[0]
     raise AssertionError(log.read_text()[-3000:])
 
