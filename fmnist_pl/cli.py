@@ -30,7 +30,7 @@ from fmnist_pl.configs import packaged_configs
 from fmnist_pl.data import FashionMNISTDataModule
 from fmnist_pl.errors import ConfigError, FmnistError, check_seed, one_line
 from fmnist_pl.evaluation import FashionMNISTTrainer
-from fmnist_pl.hardware import cpu_has_fast_bf16, on_cpu
+from fmnist_pl.hardware import cpu_has_fast_bf16, keep_freed_memory, on_cpu
 from fmnist_pl.io import check_output_place, place_error
 from fmnist_pl.module import FashionMNISTClassifier, read_checkpoint
 from fmnist_pl.predict_images import load_predict_images
@@ -289,6 +289,7 @@ def run_cli(argv: list[str] | None = None) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `fmnist-pl` and `python -m fmnist_pl`."""
     quiet_known_warnings()
+    keep_freed_memory()
     args = sys.argv[1:] if argv is None else argv
     try:
         if args and args[0] == "report":
