@@ -154,8 +154,13 @@ def write_sweep_outputs(study: optuna.Study, settings: object, folder: Path, con
     figures = draw_figures(study, folder)
     counts = table["state"].value_counts().to_dict()
     states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    # The report's table is for reading: options to 4 significant digits, named as `fit` names them (trials.csv
+    # keeps every digit, for repeating a trial).
     shown = table.copy()
     shown["value"] = shown["value"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+    for column in [c for c in shown.columns if c.startswith("params.") and shown[c].dtype.kind == "f"]:
+        shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
+    shown = shown.astype(object).where(shown.notna(), "").rename(columns=lambda c: c.removeprefix("params."))
     sections = [
         Section(
             "Study",
