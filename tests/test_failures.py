@@ -21,7 +21,6 @@ import pytest
 import torch
 from conftest import (
     FLOW_FILE,
-    N_TEST,
     copy_of_tiny_run,
     tiny_args,
     tiny_run_settings,
@@ -354,8 +353,10 @@ def test_a_damaged_last_checkpoint_in_a_step_folder_is_set_aside_and_training_re
 @pytest.mark.integration
 @pytest.mark.parametrize("how", ["kill PID", "Ctrl-C"])
 def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
-    pipeline, tiny_data: Path, tmp_path: Path, how: str
+    tiny_data: Path, tmp_path: Path, how: str
 ) -> None:
+    # How the next run resumes a stopped training is test_flow's test_killed_training_resumes_from_its_last_checkpoint:
+    # the same last.ckpt whichever way the flow ended. 40 epochs: time to stop it in the middle of its training.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # its own temporary server
     args = [
         sys.executable,
@@ -406,15 +407,6 @@ def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
     assert not (tmp_path / "latest").exists()  # a stopped run never becomes `latest`
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
     assert output.strip().splitlines()[-1].startswith("fmnist-pl pipeline stopped; run the same command again")
-
-    if how == "Ctrl-C":
-        return  # how a stopped run resumes is the same after either signal: checked once, after `kill PID`
-    # The next run resumes the interrupted training; its history is continuous.
-    run = Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, models=["dense"], epochs=40)))
-    assert json.loads((run / "run.json").read_text())["steps"]["train-dense-seed0"]["resumed"] is True
-    assert list(pd.read_csv(run / "dense" / "seed-0" / "train" / "history.csv")["epoch"]) == list(range(40))
-    assert (tmp_path / "latest").resolve() == run.resolve()
-    assert N_TEST == json.loads((run / "dense" / "seed-0" / "evaluate" / "test_metrics.json").read_text())["images"]
 
 
 @pytest.mark.integration

@@ -67,20 +67,34 @@ def finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[str]
     return outputs
 
 
-def test_two_node_ddp_with_torchrun_trains_on_every_rank_counts_each_test_image_once_and_resumes(
+def test_two_node_ddp_with_torchrun_trains_on_every_rank_resumes_and_counts_each_test_image_once(
     tiny_data: Path, tmp_path: Path
 ) -> None:
+    # A multi-node fit killed mid-run resumes from its last checkpoint, every epoch kept once.
     fit = [
         "fit",
         *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit"),
-        "--trainer.max_epochs=2",
+        "--trainer.max_epochs=8",
         "--model.network=cnn",
     ]
-    node0, node1 = finish(torchrun_nodes(fit))
-    assert "Starting with 2 processes" in node0 and "GLOBAL_RANK: 1, MEMBER: 2/2" in node1  # every rank trained
-    assert "epoch 2/2" in node0 and "epoch" not in node1  # progress and files from rank 0 alone
+    nodes = torchrun_nodes(fit)
     run = tmp_path / "runs" / "fit"
-    assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1]
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 180
+    while not last.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for node in nodes:  # each node dies whole: the torchrun agent and its workers (in sessions of their own)
+        for pid in [node.pid, *descendants(node.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        node.wait()
+    time.sleep(1)
+    assert last.is_file(), "the multi-node fit never wrote a checkpoint"
+    assert len(pd.read_csv(run / "history.csv")) < 8, "it finished before it could be killed"
+    node0, node1 = finish(torchrun_nodes([*fit, f"--ckpt_path={last}"]))
+    assert "Starting with 2 processes" in node0 and "GLOBAL_RANK: 1, MEMBER: 2/2" in node1  # every rank trained
+    assert "epoch 8/8" in node0 and "epoch" not in node1  # progress and files from rank 0 alone
+    assert list(pd.read_csv(run / "history.csv")["epoch"]) == list(range(8))
     assert not [p for p in run.rglob("*") if "rank" in p.name]
 
     best = f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}"
@@ -94,30 +108,6 @@ def test_two_node_ddp_with_torchrun_trains_on_every_rank_counts_each_test_image_
     main(["test", *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=test1"), best])
     one = json.loads((tmp_path / "runs" / "test1" / "test_metrics.json").read_text())
     assert two["accuracy"] == one["accuracy"]  # the same answer as one process
-
-    # A multi-node fit killed mid-run resumes from its last checkpoint, every epoch kept once.
-    longer = [
-        "fit",
-        *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=long"),
-        "--trainer.max_epochs=8",
-        "--model.network=cnn",
-    ]
-    nodes = torchrun_nodes(longer)
-    last = tmp_path / "runs" / "long" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 180
-    while not last.is_file() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for node in nodes:  # each node dies whole: the torchrun agent and its workers (in sessions of their own)
-        for pid in [node.pid, *descendants(node.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        node.wait()
-    time.sleep(1)
-    assert last.is_file(), "the multi-node fit never wrote a checkpoint"
-    done = len(pd.read_csv(tmp_path / "runs" / "long" / "history.csv"))
-    assert done < 8, "it finished before it could be killed"
-    finish(torchrun_nodes([*longer, f"--ckpt_path={last}"]))
-    assert list(pd.read_csv(tmp_path / "runs" / "long" / "history.csv")["epoch"]) == list(range(8))
 
 
 def test_the_flow_trains_on_two_slurm_nodes_through_its_train_launcher(

@@ -21,7 +21,9 @@ from conftest import free_port, write_idx_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "flows" / "sweep.py"
-TINY_SPACE = "model.learning_rate: [3.0e-3, 1.0e-9]\ndata.batch_size: [32, 64]\n"  # 1e-9 cannot learn
+# 1e-9 cannot learn. The epochs are the tests' own, not the packaged recipe's (which a sweep may change).
+TRIAL_EPOCHS = 6
+TINY_SPACE = f"model.learning_rate: [3.0e-3, 1.0e-9]\ndata.batch_size: [32, 64]\ntrainer.max_epochs: [{TRIAL_EPOCHS}]\n"
 
 
 def sweep_settings(data: Path, out: Path, **overrides: object):
@@ -203,14 +205,16 @@ def test_a_sweep_prunes_a_trial_that_cannot_learn_ends_with_n_trials_and_writes_
 
     study = optuna.load_study(study_name=settings.study_name(), storage=settings.storage_url())
     good, bad = study.trials
-    assert good.state.name == "COMPLETE" and good.user_attrs["epochs"] == 6  # fast_cnn.yaml's epochs
-    assert bad.state.name == "PRUNED" and bad.user_attrs["epochs"] < 6  # stopped inside its fit
+    assert good.state.name == "COMPLETE" and good.user_attrs["epochs"] == TRIAL_EPOCHS
+    assert bad.state.name == "PRUNED" and bad.user_attrs["epochs"] < TRIAL_EPOCHS  # stopped inside its fit
     assert json.loads((Path(bad.user_attrs["dir"]) / "pruned.json").read_text())["epochs"] == bad.user_attrs["epochs"]
     assert sorted(bad.intermediate_values) == list(range(bad.user_attrs["epochs"]))  # reported by the fit, per epoch
 
     trials = (folder / "trials.csv").read_text().splitlines()
-    assert trials[0].startswith("number,params.data.batch_size,params.model.learning_rate,value,state,epochs,seconds")
-    assert [line.split(",")[4] for line in trials[1:]] == ["complete", "pruned"]
+    assert trials[0].startswith(
+        "number,params.data.batch_size,params.model.learning_rate,params.trainer.max_epochs,value,state,epochs,seconds"
+    )
+    assert [line.split(",")[5] for line in trials[1:]] == ["complete", "pruned"]
     for figure in ("optimization_history", "parallel_coordinates", "parameter_importances"):
         assert (folder / "figures" / f"{figure}.png").stat().st_size > 10_000
     report = (folder / "report.md").read_text()
@@ -340,9 +344,11 @@ def test_a_stopped_or_killed_sweep_run_again_keeps_its_finished_trials_asks_the_
         folder = Path(resumed.user_attrs["dir"])
         log = (folder / "train.log").read_text()
         assert log.count("$ ") == 2 and "Restored all states from the checkpoint" in log
-        assert pd.read_csv(folder / "history.csv")["epoch"].tolist() == list(range(6))
+        assert pd.read_csv(folder / "history.csv")["epoch"].tolist() == list(range(TRIAL_EPOCHS))
     stopped = (Path(study.trials[1].user_attrs["dir"]) / "train.log").read_text()
-    assert [stopped.count(f"[cnn] epoch {epoch}/6:") for epoch in range(1, 7)] == [1] * 6, stopped
+    assert [stopped.count(f"[cnn] epoch {epoch}/{TRIAL_EPOCHS}:") for epoch in range(1, TRIAL_EPOCHS + 1)] == [
+        1
+    ] * TRIAL_EPOCHS, stopped
     finished = [t for t in study.trials if t.state.name == "COMPLETE" and "retry_of" not in t.user_attrs]
     assert finished and all((Path(t.user_attrs["dir"]) / "train.log").read_text().count("$ ") == 1 for t in finished)
 
