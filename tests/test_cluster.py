@@ -97,7 +97,9 @@ def test_a_run_on_the_cluster_trains_on_the_workers_and_matches_the_local_runner
     if len(networks) < 2:
         pytest.skip("this machine's local plan trains fewer than two networks on one thread")
     seed = TINY_RUN_SEEDS[0]  # two trainings at once, one per one-thread worker; other seeds are the same code path
-    settings = tiny_run_settings(tiny_run, tmp_path / "outputs", models=networks, seeds=[seed], dask_address=address)
+    settings = tiny_run_settings(
+        tiny_run, tmp_path / "outputs", models=networks, seeds=[seed], dask_address=address, export=False
+    )
     run = layout.RunFolder(Path(pipeline.full_pipeline(settings)))
     steps = json.loads(run.record.read_text())["steps"]
     for network in networks:
@@ -226,7 +228,9 @@ def test_a_worker_killed_during_a_training_is_retried_elsewhere_and_resumes_from
 ) -> None:
     address, _ = loopback_cluster
     epochs, killed = 12, {}
-    cluster_run = tiny_settings(tiny_data, tmp_path / "cluster", models=["dense"], epochs=epochs, dask_address=address)
+    cluster_run = tiny_settings(
+        tiny_data, tmp_path / "cluster", models=["dense"], epochs=epochs, dask_address=address, export=False
+    )
     if "dense" not in one_thread_networks(cluster_run):
         pytest.skip("this machine's local plan trains dense on more than one thread: no local result to compare")
 
@@ -256,7 +260,11 @@ def test_a_worker_killed_during_a_training_is_retried_elsewhere_and_resumes_from
 
     # The same training uninterrupted, on the local runner's one thread as on a worker: the same result.
     local = layout.RunFolder(
-        Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path / "local", models=["dense"], epochs=epochs)))
+        Path(
+            pipeline.full_pipeline(
+                cluster_run.model_copy(update={"output_dir": str(tmp_path / "local"), "dask_address": None})
+            )
+        )
     )
     on_cluster = json.loads(run.evaluation("dense", 0).test_metrics.read_text())
     uninterrupted = json.loads(local.evaluation("dense", 0).test_metrics.read_text())
@@ -292,7 +300,7 @@ def test_two_runs_into_one_shared_folder_on_the_cluster_train_a_step_once(
     takes in the same task code (this is its one test)."""
     address, _ = loopback_cluster
     args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size=100"]
-    args += ["--epochs=3", "--accelerator=cpu", "--models", "dense", "--output-dir", str(tmp_path)]
+    args += ["--epochs=3", "--accelerator=cpu", "--models", "dense", "--no-export", "--output-dir", str(tmp_path)]
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     runs = [
         subprocess.Popen([*args, "--dask-address", address], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -433,7 +441,7 @@ def test_workers_on_hosts_of_their_own_run_the_steps_report_them_to_prefect_and_
     record = json.loads(run.record.read_text())
     for network in networks:
         for seed in seeds:
-            for step in ("train", "evaluate"):
+            for step in ("train", "evaluate", "export"):  # the first seed's export: the one seed here
                 assert record["steps"][layout.step_name(step, network, seed)]["worker"]["pid"] in worker_pids
             on_cluster = json.loads(run.evaluation(network, seed).test_metrics.read_text())
             local = json.loads(layout.RunFolder(tiny_run).evaluation(network, seed).test_metrics.read_text())

@@ -337,7 +337,7 @@ def test_a_damaged_last_checkpoint_in_a_step_folder_is_set_aside_and_training_re
     pipeline, tiny_run: Path, tmp_path: Path
 ) -> None:
     out = copy_of_tiny_run(tiny_run, tmp_path / "outputs")
-    settings = tiny_run_settings(tiny_run, out, models=["dense"], seeds=[0])
+    settings = tiny_run_settings(tiny_run, out, models=["dense"], seeds=[0], export=False)
     step = (out / tiny_run.name / "dense" / "seed-0" / "train").resolve()
     (step / "done.json").unlink()  # as if the run had been killed after its last epoch
     last = step / "checkpoints" / "last.ckpt"

@@ -154,9 +154,14 @@ def test_killed_training_resumes_from_its_last_checkpoint(
     finished_before_kill = len(pd.read_csv(history))
     assert finished_before_kill < epochs, "training finished before it could be killed"
 
-    run_dir = Path(pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, models=["dense"], epochs=epochs)))
-    train = json.loads((run_dir / "run.json").read_text())["steps"]["train-dense-seed0"]
-    assert train["resumed"] is True
+    # --no-export: the run trains and evaluates, and exports nothing.
+    run_dir = Path(
+        pipeline.full_pipeline(tiny_settings(tiny_data, tmp_path, models=["dense"], epochs=epochs, export=False))
+    )
+    steps = json.loads((run_dir / "run.json").read_text())["steps"]
+    assert steps["train-dense-seed0"]["resumed"] is True
+    assert "evaluate-dense-seed0" in steps and not [s for s in steps if s.startswith("export")]
+    assert not (run_dir / "export").exists() and not list((tmp_path / "steps").glob("export-*"))
     resumed = pd.read_csv(run_dir / "dense" / "seed-0" / "train" / "history.csv")
     assert list(resumed["epoch"]) == list(range(epochs))  # every finished epoch kept, none trained twice
     log = (run_dir / "dense" / "seed-0" / "train" / "train.log").read_text()
@@ -207,7 +212,7 @@ def test_fresh_home_no_server_two_ddp_processes_quiet_console_and_no_traceback(t
 def test_serve_registers_a_scheduled_deployment_that_runs(prefect_api: str, tiny_data: Path, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
 
-    args = cli_flow_args(tiny_data, tmp_path, "--models", "cnn", "--epochs", "1")
+    args = cli_flow_args(tiny_data, tmp_path, "--models", "cnn", "--epochs", "1", "--no-export")
     args[2:2] = ["serve", "--cron", "0 3 * * *", "--name", "served"]
     server = subprocess.Popen(
         args,

@@ -125,6 +125,7 @@ def test_the_flow_trains_on_two_slurm_nodes_through_its_train_launcher(
         devices="1",
         strategy="ddp",
         train_launcher=f"{sys.executable} {FAKE_SRUN} --nodes 2 --ntasks-per-node 1",
+        export=False,
     )
     run = Path(pipeline.full_pipeline(settings))
     log = (run / "cnn" / "seed-0" / "train" / "train.log").read_text()
@@ -174,6 +175,7 @@ def test_the_work_pool_deployment_in_prefect_yaml_runs_on_a_worker_to_a_report(
             "models": ["cnn"],
             "accelerator": "cpu",
             "output_dir": str(tmp_path / "out"),
+            "export": False,
         }
         run = client.create_flow_run_from_deployment(deployment.id, parameters={"settings": settings})
         prefect("worker", "start", "--pool", pool, "--run-once", timeout=300)  # picks the run up, runs it, exits

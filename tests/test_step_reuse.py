@@ -105,7 +105,7 @@ def test_a_moved_or_copied_output_folder_uses_its_own_files(pipeline, tiny_run: 
 @pytest.mark.integration
 def test_a_finished_training_whose_checkpoint_is_gone_trains_again(pipeline, tiny_run: Path, tmp_path: Path) -> None:
     out = copy_of_tiny_run(tiny_run, tmp_path / "outputs")
-    settings = tiny_run_settings(tiny_run, out, models=["cnn"], seeds=[0])
+    settings = tiny_run_settings(tiny_run, out, models=["cnn"], seeds=[0], export=False)
     training = (out / tiny_run.name / "cnn" / "seed-0" / "train").resolve()
     (training / "checkpoints" / "best.ckpt").unlink()
     again = Path(pipeline.full_pipeline(settings))

@@ -93,7 +93,7 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
         first = settings.seeds[0]  # each network's first-seed model is exported for use outside PyTorch
         exports = {
             n: steps.submit(export_model, dict(network=n, seed=first, trained=trainings[n, first], **step_inputs))
-            for n in networks
+            for n in (networks if settings.export else [])
         }
         for network, seed in runs:  # the run folder shows each training's step folders, which stay shared and cached
             trained = finish(layout.step_name("train", network, seed), trainings[network, seed])
@@ -101,8 +101,8 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
         for network, seed in runs:
             evaluated = finish(layout.step_name("evaluate", network, seed), evaluations[network, seed])
             link(run.evaluation(network, seed).path, Path(evaluated.dir))
-        for network in networks:
-            exported = finish(layout.step_name("export", network, first), exports[network])
+        for network, export in exports.items():
+            exported = finish(layout.step_name("export", network, first), export)
             link(run.export(network), Path(exported.dir))
         finish("report", write_report.submit(str(run.path)))
     except BaseException as e:  # stopped (SIGTERM, Ctrl-C) or failed: stop every training, and say so
@@ -114,5 +114,6 @@ def full_pipeline(settings: PipelineSettings = PipelineSettings()) -> str:  # no
         stack.close()  # the run's Dask client, or its LocalCluster
     record.end("completed")
     point_latest_at(run.path)
-    print(f"fmnist-pl pipeline: done, report at {run.report('.md')}, ONNX models in {run.path / layout.EXPORT_DIR}")
+    models = f", ONNX models in {run.path / layout.EXPORT_DIR}" if exports else ""
+    print(f"fmnist-pl pipeline: done, report at {run.report('.md')}{models}")
     return str(run.path)

@@ -64,6 +64,10 @@ class PipelineSettings(BaseModel):
         True,
         description="check the files against the official release (off: your own or test data)",
     )
+    export: bool = Field(
+        True,
+        description="export each network's first-seed model to ONNX with its model card (default; --no-export skips it)",
+    )
 
     dask_address: str | None = Field(
         None,
