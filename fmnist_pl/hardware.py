@@ -29,8 +29,8 @@ def keep_freed_memory() -> None:
     """Let this process reuse the memory it frees instead of giving it back to the kernel (glibc on Linux; elsewhere
     nothing changes). glibc maps every block over 32 MB afresh and unmaps it when freed, and a 1,000-image batch of
     bn_cnn's activations is such a block: its evaluation took 3.7 million page faults, 7.1 s of system time and
-    15.8 s in all, against 0.2 million, 0.8 s and 12.0 s from the heap (2-core Xeon with AMX; training: the same
-    speed, 11 % more peak memory). An entry point calls it: it changes the whole process."""
+    15.8 s in all, against 0.22 million, 0.6 s and 11.1 s from the heap (2-core Xeon with AMX; training: the
+    same speed, 11 % more peak memory). An entry point calls it: it changes the whole process."""
     if not sys.platform.startswith("linux"):
         return
     try:
