@@ -19,30 +19,26 @@ from conftest import N_TEST, free_port, tiny_args
 
 from fmnist_pl import layout
 from fmnist_pl.cli import main
-from fmnist_pl.configs import profile_config
 from fmnist_pl.export import ExportError, check_parity
 from fmnist_pl.fashion_mnist import read_idx
 from fmnist_pl.networks import NETWORKS
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One short fit per registered network on the tiny data, with its packaged fast config: {network: run folder}."""
+def fitted(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each registered network's first-seed fit of the shared pipeline run (its packaged fast config, 2 epochs on the
+    tiny data), copied into `<root>/runs/<network>` beside the tiny data in `<root>/fmnist`: {network: run folder}.
+    Copies, so that the exports these tests write never touch the shared run's files."""
+    import shutil
+
     from conftest import write_idx_dir
 
     root = tmp_path_factory.mktemp("export")
-    data = write_idx_dir(root / "fmnist")
+    write_idx_dir(root / "fmnist")
     runs = {}
     for network in NETWORKS:
-        main(
-            [
-                "fit",
-                f"--config={profile_config('fast', network)}",
-                "--trainer.max_epochs=2",
-                *tiny_args(data, root, f"--trainer.logger.init_args.version={network}"),
-            ]
-        )
         runs[network] = root / "runs" / network
+        shutil.copytree(layout.RunFolder(tiny_run).training(network, 0).path, runs[network])
     return runs
 
 
