@@ -157,17 +157,23 @@ def tiny_settings(data: Path, out: Path, **overrides: object) -> PipelineSetting
 TINY_RUN_SEEDS = [0, 1]
 
 
+# The suite's costliest fixtures: the shared pipeline run (`tiny_run`, about 100 s on 2 busy cores) and test_cluster's
+# Dask cluster on loopback (its three processes). Their tests are one xdist group, so each is built once.
+SHARED_FIXTURES = ("tiny_run", "loopback_cluster")
+SHARED_GROUP = "shared-fixtures"
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
-    """Every test of the shared pipeline run (`tiny_run`) is one xdist group (`--dist loadgroup` in pyproject.toml):
-    they all run on one worker, so the run is computed once, not once per worker that meets it (about 3 minutes)."""
-    shared = [item for item in items if "tiny_run" in getattr(item, "fixturenames", ())]
+    """Every test of a shared fixture (SHARED_FIXTURES) is in one xdist group (`--dist loadgroup` in pyproject.toml):
+    they all run on one worker, so each fixture is built once, not once per worker that meets it."""
+    shared = [item for item in items if set(SHARED_FIXTURES) & set(getattr(item, "fixturenames", ()))]
     for item in shared:
-        item.add_marker(pytest.mark.xdist_group("tiny_run"))
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUP))
     result = yield  # xdist's hook: it files each marked test under its group, by its node ID
-    if getattr(config.option, "loadgroup", False) and shared and not shared[0].nodeid.endswith("@tiny_run"):
+    if getattr(config.option, "loadgroup", False) and shared and not shared[0].nodeid.endswith(f"@{SHARED_GROUP}"):
         # pytest 9.2's node IDs no longer take xdist's group (pytest-xdist#1386); pyproject.toml pins pytest below it
-        message = "xdist ignored the test groups: each worker computes the shared run"
+        message = "xdist ignored the test groups: each worker builds the shared fixtures"
         warnings.warn(pytest.PytestWarning(message), stacklevel=1)
     return result
 

@@ -44,15 +44,19 @@ def wait_for_workers(address: str, count: int, timeout: float = 60) -> list[int]
         return sorted(client.run(os.getpid).values())
 
 
-def stop_processes(processes: list[subprocess.Popen]) -> None:
-    """Stop a fixture's scheduler, workers and server, the last started first."""
-    for process in reversed(processes):
-        process.terminate()
+def stop_processes(processes: list[subprocess.Popen], grace: float = 3) -> None:
+    """Stop a fixture's scheduler, workers and server (each the leader of a session of its own): SIGTERM, then
+    SIGKILL to whatever of their sessions is left after `grace` seconds. Nothing of theirs is kept: a polite stop
+    took 8-16 s here, workers draining their Prefect events."""
     for process in processes:
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        process.terminate()
+    deadline = time.monotonic() + grace
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the session: a worker's nanny and the worker it started
+        process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +72,18 @@ def loopback_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
             dask_command("scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"),
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     ]
     for name in ("a", "b"):
         (root / name).mkdir()
         worker = ["worker", address, "--nworkers", "1", "--nthreads", "1", "--resources", "threads=1"]
         worker += ["--no-dashboard", "--name", name, "--local-directory", str(root / name)]
-        processes.append(subprocess.Popen(dask_command(*worker), cwd=root / name, stdout=log, stderr=subprocess.STDOUT))
+        processes.append(
+            subprocess.Popen(
+                dask_command(*worker), cwd=root / name, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
     try:
         yield address, wait_for_workers(address, 2)
     finally:
@@ -162,14 +171,18 @@ def test_a_worker_without_the_run_s_folders_or_threads_is_refused_naming_it(
 
 
 def test_ctrl_c_stops_the_trainings_on_every_worker(
-    loopback_cluster: tuple[str, list[int]], tiny_data: Path, tmp_path: Path
+    prefect_api: str, loopback_cluster: tuple[str, list[int]], tiny_data: Path, tmp_path: Path
 ) -> None:
     address, _ = loopback_cluster
     worker_pids = wait_for_workers(address, 2)  # a worker killed by an earlier test has a new process
     args = [sys.executable, str(FLOW_FILE), "--data-dir", str(tiny_data), "--no-require-official", "--val-size=100"]
     args += ["--epochs=50", "--accelerator=cpu", "--models", "dense", "cnn", "--output-dir", str(tmp_path)]
-    flow = subprocess.Popen(
-        [*args, "--dask-address", address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    flow = subprocess.Popen(  # the session's Prefect server: stopping a run's own is test_failures'
+        [*args, "--dask-address", address],
+        env={**os.environ, "PREFECT_API_URL": prefect_api},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
     def trainings() -> list[psutil.Process]:
@@ -231,8 +244,6 @@ def test_a_worker_killed_during_a_training_is_retried_elsewhere_and_resumes_from
     cluster_run = tiny_settings(
         tiny_data, tmp_path / "cluster", models=["dense"], epochs=epochs, dask_address=address, export=False
     )
-    if "dense" not in one_thread_networks(cluster_run):
-        pytest.skip("this machine's local plan trains dense on more than one thread: no local result to compare")
 
     def kill_the_worker_after_two_epochs() -> None:
         deadline = time.monotonic() + 240
@@ -258,18 +269,7 @@ def test_a_worker_killed_during_a_training_is_retried_elsewhere_and_resumes_from
     history = pd.read_csv(run.training("dense", 0).history)
     assert list(history["epoch"]) == list(range(epochs))  # every finished epoch kept, none trained twice
 
-    # The same training uninterrupted, on the local runner's one thread as on a worker: the same result.
-    local = layout.RunFolder(
-        Path(
-            pipeline.full_pipeline(
-                cluster_run.model_copy(update={"output_dir": str(tmp_path / "local"), "dask_address": None})
-            )
-        )
-    )
-    on_cluster = json.loads(run.evaluation("dense", 0).test_metrics.read_text())
-    uninterrupted = json.loads(local.evaluation("dense", 0).test_metrics.read_text())
-    assert on_cluster["accuracy"] == uninterrupted["accuracy"]
-    assert on_cluster["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-6)
+    # That the resumed result is the uninterrupted one is test_cli's resumed-fit test (the same `fit --ckpt_path`).
 
 
 def test_a_gpu_run_asks_dask_for_each_training_s_gpus_and_a_cpu_run_for_its_threads(tiny_data: Path) -> None:
@@ -394,7 +394,7 @@ def separate_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
             worker += ["--local-directory", str(root / name)]
             commands.append((["ip", "netns", "exec", namespace, *dask_command(*worker)], None, root / name))
         processes = [
-            subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+            subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             for command, env, cwd in commands
         ]
 
