@@ -17,6 +17,7 @@ from conftest import FLOW_FILE, TINY_RUN_SEEDS, copy_of_tiny_run, tiny_run_setti
 from fmnist_pl.networks import NETWORKS
 from fmnist_pl.pipeline import tasks
 
+FAKE_SRUN = Path(__file__).with_name("fake_srun.py")
 pytestmark = pytest.mark.integration  # real fits, a Prefect server, subprocesses
 
 
@@ -168,25 +169,18 @@ def test_killed_training_resumes_from_its_last_checkpoint(
     assert "--ckpt_path=" in log and f"epoch 1/{epochs}" not in log.split("--ckpt_path=")[-1]
 
 
-def test_fresh_home_no_server_two_ddp_processes_quiet_console_and_no_traceback(tiny_data: Path, tmp_path: Path) -> None:
+def test_fresh_home_no_server_two_slurm_nodes_through_the_train_launcher_quiet_console_and_no_traceback(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """A first run as a new user starts it: no Prefect server, a fresh home. Its training runs as multi-node DDP
+    through the train launcher, here a stand-in for SLURM's srun (tests/fake_srun.py) making two nodes' tasks."""
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
-    args = cli_flow_args(
-        tiny_data,
-        tmp_path / "out",
-        "--models",
-        "cnn",
-        "--epochs",
-        "1",
-        "--devices",
-        "2",
-        "--strategy",
-        "ddp",
-        "--train-launcher",
-        "env FMNIST_LAUNCHED=1",
-    )  # a launcher prefix, as `srun` would be
+    launcher = f"{sys.executable} {FAKE_SRUN} --nodes 2 --ntasks-per-node 1"
+    args = cli_flow_args(tiny_data, tmp_path / "out", "--models", "cnn", "--epochs", "1", "--no-export")
+    args += ["--num-nodes", "2", "--devices", "1", "--strategy", "ddp", "--train-launcher", launcher]
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=420)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -202,11 +196,12 @@ def test_fresh_home_no_server_two_ddp_processes_quiet_console_and_no_traceback(t
     assert lines[header + 1].startswith("cnn ") and lines[header + 2].startswith("report: ")
     run_dir = tmp_path / "out" / "latest"
     train_log = (run_dir / "cnn" / "seed-0" / "train" / "train.log").read_text()
-    assert "Starting with 2 processes" in train_log or "MEMBER: 2/2" in train_log
-    assert "$ env FMNIST_LAUNCHED=1 " in train_log
+    assert f"$ {launcher} " in train_log
+    assert "MEMBER: 1/2" in train_log and "Starting with 2 processes" in train_log  # two SLURM tasks, one job
     metrics = json.loads((run_dir / "cnn" / "seed-0" / "evaluate" / "test_metrics.json").read_text())
     assert metrics["images"] == 101
     assert "Test metric" in (run_dir / "cnn" / "seed-0" / "evaluate" / "evaluate.log").read_text()  # in the step's log
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
 
 
 def test_serve_registers_a_scheduled_deployment_that_runs(prefect_api: str, tiny_data: Path, tmp_path: Path) -> None:
