@@ -1,5 +1,6 @@
-"""Scale-out on one machine: multi-node DDP (torchrun with a local rendezvous; SLURM's srun, faked) and a Prefect
-work-pool deployment from prefect.yaml, run by a worker. The README's scale-out commands are these."""
+"""Scale-out on one machine: multi-node DDP (torchrun with a local rendezvous) and a Prefect work-pool deployment
+from prefect.yaml, run by a worker. The README's scale-out commands are these; the flow's multi-node training through
+SLURM's srun (faked) is test_flow's fresh-home test."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -18,11 +18,9 @@ import pytest
 from conftest import FLOW_FILE, N_TEST, free_port, tiny_args
 
 from fmnist_pl.pipeline.processes import descendants
-from fmnist_pl.pipeline.settings import PipelineSettings
 
 pytestmark = pytest.mark.integration  # several processes, a Prefect server
 REPO = FLOW_FILE.parents[1]
-FAKE_SRUN = Path(__file__).with_name("fake_srun.py")
 
 
 def torchrun_nodes(args: list[str], nodes: int = 2, per_node: int = 1) -> list[subprocess.Popen]:
@@ -110,37 +108,11 @@ def test_two_node_ddp_with_torchrun_trains_on_every_rank_resumes_and_counts_each
     assert two["accuracy"] == one["accuracy"]  # the same answer as one process
 
 
-def test_the_flow_trains_on_two_slurm_nodes_through_its_train_launcher(
-    pipeline, tiny_data: Path, tmp_path: Path
-) -> None:
-    settings = PipelineSettings(
-        data_dir=str(tiny_data),
-        require_official=False,
-        val_size=100,
-        epochs=2,
-        accelerator="cpu",
-        output_dir=str(tmp_path),
-        models=["cnn"],
-        num_nodes=2,
-        devices="1",
-        strategy="ddp",
-        train_launcher=f"{sys.executable} {FAKE_SRUN} --nodes 2 --ntasks-per-node 1",
-        export=False,
-    )
-    run = Path(pipeline.full_pipeline(settings))
-    log = (run / "cnn" / "seed-0" / "train" / "train.log").read_text()
-    assert f"$ {sys.executable} {FAKE_SRUN} --nodes 2" in log
-    assert "MEMBER: 1/2" in log and "Starting with 2 processes" in log  # two SLURM tasks joined one job
-    metrics = json.loads((run / "cnn" / "seed-0" / "evaluate" / "test_metrics.json").read_text())
-    assert metrics["images"] == N_TEST
-    assert json.loads((run / "run.json").read_text())["status"] == "completed"
-
-
 def test_the_work_pool_deployment_in_prefect_yaml_runs_on_a_worker_to_a_report(
     prefect_api: str, tiny_data: Path, tmp_path: Path
 ) -> None:
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    pool = f"fmnist-{uuid.uuid4().hex[:8]}"
+    pool = "fmnist"  # prefect.yaml's: `prefect deploy --all` takes each deployment's own work pool
 
     def prefect(*args: str, timeout: float = 120) -> str:
         result = subprocess.run(
@@ -150,8 +122,7 @@ def test_the_work_pool_deployment_in_prefect_yaml_runs_on_a_worker_to_a_report(
         return result.stdout
 
     prefect("work-pool", "create", pool, "--type", "process")
-    for name in ("nightly", "cluster", "sweep"):  # the deployments defined in prefect.yaml
-        prefect("deploy", "--name", name, "--pool", pool)
+    prefect("deploy", "--all")  # every deployment prefect.yaml defines, as `--name NAME --pool fmnist` does each
 
     from prefect.client.orchestration import get_client
 

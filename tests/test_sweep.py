@@ -145,35 +145,31 @@ def test_of_equally_good_trials_the_one_with_fewest_epochs_is_best(tmp_path: Pat
 
 
 @pytest.mark.integration
-def test_an_option_fit_does_not_have_or_a_value_it_refuses_ends_the_command_in_one_line(tmp_path: Path) -> None:
+def test_an_option_fit_does_not_have_or_a_value_it_refuses_ends_the_command_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from fmnist_pl.sweep.command import parse_args
+
     data = write_idx_dir(tmp_path / "fmnist")
-    for text, complaint in [
-        ("model.no_such_option: [1, 2]\n", "unrecognized arguments: --model.no_such_option=1"),
-        ("model.optimizer: [adam, rmsprop]\n", 'Parser key "model.optimizer"'),
+    space = tmp_path / "space.yaml"
+    args = ["--network", "cnn", "--space", str(space), "--data-dir", str(data), "--no-require-official"]
+    args += ["--val-size", "100", "--output-dir", str(tmp_path / "out")]
+    # The command users type, once; the same check in this process for the second space.
+    space.write_text("model.no_such_option: [1, 2]\n")
+    result = subprocess.run([sys.executable, str(SWEEP), *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2, result.stderr
+    space.write_text("model.optimizer: [adam, rmsprop]\n")
+    with pytest.raises(SystemExit) as refused:
+        parse_args(args)
+    assert refused.value.code == 2
+    for stderr, complaint in [
+        (result.stderr, "unrecognized arguments: --model.no_such_option=1"),
+        (capsys.readouterr().err, 'Parser key "model.optimizer"'),
     ]:
-        (tmp_path / "space.yaml").write_text(text)
-        args = ["--network", "cnn", "--space", str(tmp_path / "space.yaml"), "--data-dir", str(data)]
-        result = subprocess.run(
-            [
-                sys.executable,
-                str(SWEEP),
-                *args,
-                "--no-require-official",
-                "--val-size",
-                "100",
-                "--output-dir",
-                str(tmp_path / "out"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=REPO,
-        )
-        assert result.returncode == 2, result.stderr
-        first = result.stderr.splitlines()[0]
-        assert first.startswith(f"sweep.py: error: --space {tmp_path / 'space.yaml'}: `fmnist-pl fit` refuses it:")
-        assert complaint in first and len(result.stderr.splitlines()) == 2  # the line and the --help hint
-        assert not (tmp_path / "out" / "sweeps").exists()  # before any trial, and before Prefect started
+        first = stderr.splitlines()[0]
+        assert first.startswith(f"sweep.py: error: --space {space}: `fmnist-pl fit` refuses it:")
+        assert complaint in first and len(stderr.splitlines()) == 2  # the line and the --help hint
+    assert not (tmp_path / "out" / "sweeps").exists()  # before any trial, and before Prefect started
 
 
 @pytest.mark.integration
@@ -297,7 +293,7 @@ def start_and_wait_for_trial(command: list[str], env: dict, log: Path, settings,
 
 @pytest.mark.integration
 def test_a_stopped_or_killed_sweep_run_again_keeps_its_finished_trials_asks_the_running_one_again_trains_nothing_twice(
-    tmp_path: Path,
+    prefect_api: str, tmp_path: Path
 ) -> None:
     import optuna
     import pandas as pd
@@ -308,7 +304,9 @@ def test_a_stopped_or_killed_sweep_run_again_keeps_its_finished_trials_asks_the_
     command = [sys.executable, str(SWEEP), "--network", "cnn", "--trials", "3", "--space", settings.space]
     command += ["--data-dir", str(data), "--no-require-official", "--val-size", "100"]
     command += ["--output-dir", settings.output_dir]
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the sweep's own temporary server
+    # The session's Prefect server for the runs that are stopped (test_failures stops a run's temporary server with
+    # it); the last run, which finishes, starts its own.
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
 
     # Ctrl-C (SIGINT to the terminal's process group) during trial 0: it stops, says so, leaves no fit running.
     first, trial = start_and_wait_for_trial(command, env, tmp_path / "first.log", settings, 0)
@@ -326,7 +324,8 @@ def test_a_stopped_or_killed_sweep_run_again_keeps_its_finished_trials_asks_the_
     second, running = start_and_wait_for_trial(command, env, tmp_path / "second.log", settings, 2)
     second.send_signal(signal.SIGKILL)
     second.wait()
-    again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    own_server = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    again = subprocess.run(command, capture_output=True, text=True, env=own_server, cwd=REPO, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "trials [2] were running when their sweep was killed: marked failed and asked again" in again.stderr
     assert "fmnist-pl sweep: temporary Prefect server on http://" in again.stdout  # named as the sweep's own
