@@ -353,11 +353,15 @@ def test_a_damaged_last_checkpoint_in_a_step_folder_is_set_aside_and_training_re
 @pytest.mark.integration
 @pytest.mark.parametrize("how", ["kill PID", "Ctrl-C"])
 def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
-    tiny_data: Path, tmp_path: Path, how: str
+    prefect_api: str, tiny_data: Path, tmp_path: Path, how: str
 ) -> None:
     # How the next run resumes a stopped training is test_flow's test_killed_training_resumes_from_its_last_checkpoint:
     # the same last.ckpt whichever way the flow ended. 40 epochs: time to stop it in the middle of its training.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # its own temporary server
+    # Ctrl-C, a laptop user's way, stops a run with its own temporary server (which the terminal's SIGINT must not
+    # take from under the flow); `kill PID` one on a server it does not own (the session's).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    if how == "kill PID":
+        env["PREFECT_API_URL"] = prefect_api
     args = [
         sys.executable,
         str(FLOW_FILE),
@@ -388,12 +392,17 @@ def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
         else:
             os.killpg(flow.pid, signal.SIGINT)  # every process of the group, as a terminal's Ctrl-C does
         output = flow.communicate(timeout=60)[0]
+        # The training (in the flow's process group) and the temporary server (in a session of its own) went with it.
+        server_port = (
+            output.split("temporary Prefect server on http://127.0.0.1:")[1].split("/")[0] if how == "Ctrl-C" else None
+        )
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # the training and the temporary server went with it
+        while time.monotonic() < deadline:
             try:
                 os.killpg(flow.pid, 0)
             except ProcessLookupError:
-                break
+                if not server_port or not serving_on(server_port):
+                    break
             time.sleep(0.5)
         else:
             pytest.fail(f"processes of the stopped flow are still running:\n{output[-3000:]}")
@@ -407,6 +416,17 @@ def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
     assert not (tmp_path / "latest").exists()  # a stopped run never becomes `latest`
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
     assert output.strip().splitlines()[-1].startswith("fmnist-pl pipeline stopped; run the same command again")
+
+
+def serving_on(port: str) -> list[int]:
+    """The live processes started with `--port PORT` (a Prefect server's command line)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if f"--port\0{port}\0" in cmdline.read_bytes().decode(errors="replace"):
+                if "zombie" not in (cmdline.parent / "status").read_text():
+                    found.append(int(cmdline.parent.name))
+    return found
 
 
 @pytest.mark.integration
@@ -436,12 +456,7 @@ def test_a_flow_killed_outright_leaves_no_prefect_server_behind(tiny_data: Path,
             assert first, "the flow ended before it started its server"
             first = flow.stdout.readline()
         port = first.split("127.0.0.1:")[1].split("/")[0]
-        server = [
-            int(pid)
-            for pid in os.listdir("/proc")
-            if pid.isdigit()
-            and f"--port\0{port}\0" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        ]
+        server = serving_on(port)
         assert len(server) == 1
         flow.kill()  # SIGKILL: nothing in the flow can react
         flow.wait(timeout=10)
