@@ -166,7 +166,10 @@ SHARED_GROUP = "shared-fixtures"
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
     """Every test of a shared fixture (SHARED_FIXTURES) is in one xdist group (`--dist loadgroup` in pyproject.toml):
-    they all run on one worker, so each fixture is built once, not once per worker that meets it."""
+    they all run on one worker, so each fixture is built once, not once per worker that meets it. The integration
+    tests come first (a stable sort): the short unit tests then fill the end, instead of a 60-80 s sweep test that
+    started last keeping one worker busy while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
     shared = [item for item in items if set(SHARED_FIXTURES) & set(getattr(item, "fixturenames", ()))]
     for item in shared:
         item.add_marker(pytest.mark.xdist_group(SHARED_GROUP))
