@@ -393,15 +393,13 @@ def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
             os.killpg(flow.pid, signal.SIGINT)  # every process of the group, as a terminal's Ctrl-C does
         output = flow.communicate(timeout=60)[0]
         # The training (in the flow's process group) and the temporary server (in a session of its own) went with it.
-        server_port = (
-            output.split("temporary Prefect server on http://127.0.0.1:")[1].split("/")[0] if how == "Ctrl-C" else None
-        )
+        server = f"--port\0{temporary_server_port(output)}\0" if how == "Ctrl-C" else None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
                 os.killpg(flow.pid, 0)
             except ProcessLookupError:
-                if not server_port or not serving_on(server_port):
+                if not server or not live_processes(server):
                     break
             time.sleep(0.5)
         else:
@@ -418,14 +416,20 @@ def test_a_terminated_flow_stops_its_trainings_and_server_and_says_so(
     assert output.strip().splitlines()[-1].startswith("fmnist-pl pipeline stopped; run the same command again")
 
 
-def serving_on(port: str) -> list[int]:
-    """The live processes started with `--port PORT` (a Prefect server's command line)."""
-    found = []
+def temporary_server_port(output: str) -> str:
+    """The port of the temporary Prefect server a flow's output names."""
+    return output.split("temporary Prefect server on http://127.0.0.1:")[1].split("/")[0]
+
+
+def live_processes(text: str) -> dict[int, str]:
+    """The running (not zombie) processes whose command line, its arguments joined by NUL, holds `text`: their
+    PIDs and command lines."""
+    found = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
-            if f"--port\0{port}\0" in cmdline.read_bytes().decode(errors="replace"):
-                if "zombie" not in (cmdline.parent / "status").read_text():
-                    found.append(int(cmdline.parent.name))
+            line = cmdline.read_text(errors="replace")
+            if text in line and "zombie" not in (cmdline.parent / "status").read_text():
+                found[int(cmdline.parent.name)] = line.replace("\0", " ")[:200]
     return found
 
 
@@ -455,16 +459,14 @@ def test_a_flow_killed_outright_leaves_no_prefect_server_behind(tiny_data: Path,
         while "temporary Prefect server on" not in first:
             assert first, "the flow ended before it started its server"
             first = flow.stdout.readline()
-        port = first.split("127.0.0.1:")[1].split("/")[0]
-        server = serving_on(port)
-        assert len(server) == 1
+        server = f"--port\0{temporary_server_port(first)}\0"
+        assert len(live_processes(server)) == 1
         flow.kill()  # SIGKILL: nothing in the flow can react
         flow.wait(timeout=10)
         deadline = time.monotonic() + 20
-        while Path(f"/proc/{server[0]}").exists() and time.monotonic() < deadline:
+        while live_processes(server) and time.monotonic() < deadline:
             time.sleep(0.2)
-        status = Path(f"/proc/{server[0]}/status")
-        assert not status.exists() or "zombie" in status.read_text(), "the server outlived its flow"
+        assert not live_processes(server), "the server outlived its flow"
     finally:
         if flow.poll() is None:
             flow.kill()
@@ -542,12 +544,8 @@ def test_a_lost_prefect_server_ends_the_run_in_one_line_within_seconds(tiny_data
     (record,) = out.glob("2*/run.json")
     assert json.loads(record.read_text())["status"] == "failed"
     time.sleep(1)
-    survivors = []  # its training went with it: no live process still works in the run's output folder
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):
-            if str(out) in cmdline.read_text() and "zombie" not in (cmdline.parent / "status").read_text():
-                survivors.append(cmdline.read_text().replace("\0", " ")[:200])
-    assert not survivors
+    survivors = live_processes(str(out))  # its training went with it: nothing still works in the run's output folder
+    assert not survivors, survivors
 
 
 # ---- training that diverges stops, in one line, before its epoch is checkpointed ---------------------------------
