@@ -16,9 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from fmnist_pl import layout
 from fmnist_pl.fashion_mnist import CLASS_NAMES
 from fmnist_pl.io import atomic_write, write_text_atomic
-from fmnist_pl.networks import count_trainable_parameters
-
-EPOCH_LINE_PREFIX = "["  # "[network] epoch k/n: ...": the one line per epoch a pipeline shows on its console
+from fmnist_pl.networks import count_trainable_parameters, forward_flops
 
 
 def run_dir(trainer: L.Trainer) -> Path | None:
@@ -78,7 +76,7 @@ class EpochHistory(Callback):
             pd.DataFrame(self.rows).to_csv(tmp, index=False)
         row = self.rows[-1]
         print(
-            f"{EPOCH_LINE_PREFIX}{pl_module.hparams.network}] epoch {row['epoch'] + 1}/{trainer.max_epochs}: "
+            f"{layout.EPOCH_LINE_PREFIX}{pl_module.hparams.network}] epoch {row['epoch'] + 1}/{trainer.max_epochs}: "
             f"train loss {row['train/loss']:.4f} acc {row['train/acc']:.4f} | "
             f"val loss {row['val/loss']:.4f} acc {row['val/acc']:.4f} | {row['epoch_seconds']:.1f} s",
             flush=True,
@@ -152,19 +150,6 @@ class EvaluationFiles(Callback):
             "devices": trainer.world_size,
         }
         write_text_atomic(directory / layout.TEST_METRICS, json.dumps(metrics, indent=2) + "\n")
-
-
-def forward_flops(network: torch.nn.Module) -> int:
-    """FLOPs of one image's forward pass (a multiply-add counts 2), as torch's FlopCounterMode counts them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    parameter = next(network.parameters())
-    was_training = network.training
-    network.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        network(torch.zeros(1, 1, 28, 28, device=parameter.device, dtype=parameter.dtype))
-    network.train(was_training)
-    return int(counter.get_total_flops())
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -32,15 +32,14 @@ from fmnist_pl.errors import ConfigError, FmnistError, check_seed, one_line
 from fmnist_pl.evaluation import FashionMNISTTrainer
 from fmnist_pl.hardware import cpu_has_fast_bf16, keep_freed_memory, on_cpu
 from fmnist_pl.io import check_output_place, place_error
-from fmnist_pl.module import FashionMNISTClassifier, read_checkpoint
+from fmnist_pl.module import FashionMNISTClassifier
+from fmnist_pl.networks import read_checkpoint
 from fmnist_pl.predict_images import load_predict_images
 
 CKPT_KEYWORDS = {"best", "last", "hpc", "registry"}  # ckpt_path values Lightning resolves itself
 # Model options that only change how a trained network is used, so `test` and `predict` take them from the command
 # line even with a checkpoint (whose hyper-parameters replace every other model option).
 INFERENCE_OPTIONS = ("test_time_flip",)
-# Errors a user fixes (an option, a file, the machine), never a bug: one line, exit code 2, no retry.
-USER_ERRORS = (FmnistError, MisconfigurationException, ArgumentError, pydantic.ValidationError)
 DEFAULT_SAVE_DIR = "outputs"  # where CLI runs go (outputs/runs/version_N/) unless --trainer.default_root_dir says
 
 

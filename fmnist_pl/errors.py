@@ -28,6 +28,11 @@ class TrainingDiverged(FmnistError):
     the same settings diverges again."""
 
 
+# Errors a user fixes (an option, a file, the machine), never a bug: one line, exit code 2, no retry. The pipeline's
+# and the sweep's own processes meet these; Lightning's and jsonargparse's come from `fmnist-pl` (cli.main), which turns
+# them into its own one line and exit code 2 before they could reach a flow.
+USER_ERRORS = (FmnistError, pydantic.ValidationError)
+
 SEED_RANGE = range(2**32)  # what numpy's and Lightning's seeding accept
 
 

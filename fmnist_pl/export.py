@@ -22,8 +22,8 @@ from fmnist_pl import __version__, layout
 from fmnist_pl.errors import FmnistError
 from fmnist_pl.fashion_mnist import CLASS_NAMES, IMAGE_SIZE, load_dataset
 from fmnist_pl.io import check_output_place, file_sha256, write_text_atomic
-from fmnist_pl.module import FashionMNISTClassifier, read_checkpoint
-from fmnist_pl.networks import count_trainable_parameters
+from fmnist_pl.module import FashionMNISTClassifier
+from fmnist_pl.networks import count_trainable_parameters, read_checkpoint
 from fmnist_pl.report.statistics import accuracy_interval, most_confused
 
 FORMATS = ("onnx",)

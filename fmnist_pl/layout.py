@@ -23,6 +23,9 @@ EXPORT_DIR = "export"
 ONNX_MODEL = "model.onnx"
 MODEL_DESCRIPTION = "model.json"
 MODEL_CARD = "README.md"
+# A fit's one console line per epoch, "[network] epoch k/n: ...": the pipeline forwards these lines of a step's output
+# to its own log.
+EPOCH_LINE_PREFIX = "["
 
 
 def predictions_file(split: str) -> str:

@@ -7,7 +7,6 @@ Result files (history, confusion matrices, test metrics, predictions) are writte
 # No `from __future__ import annotations`: jsonargparse reads the constraints inside `Annotated` only from real
 # annotations, not from strings.
 import math
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import lightning as L
@@ -19,33 +18,10 @@ from pydantic import validate_call
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from fmnist_pl.errors import ConfigError, TrainingDiverged, first_line
+from fmnist_pl.errors import ConfigError, TrainingDiverged
 from fmnist_pl.networks import NETWORKS
 
 NetworkName = Literal[tuple(NETWORKS)]  # type: ignore[valid-type]  # the registry's names: `fit --help` lists them
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by `fmnist-pl fit`, checked: loadable, and its weights fit the current architecture of
-    the network it names. Anything else is one ConfigError naming the file."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, random bytes, not a zip: torch raises many kinds of error for these
-        raise ConfigError(
-            f"checkpoint {path} is damaged or not a checkpoint ({type(e).__name__}); "
-            "pass a .ckpt file written by `fmnist-pl fit`"
-        ) from e
-    network = checkpoint.get("hyper_parameters", {}).get("network") if isinstance(checkpoint, dict) else None
-    if network not in NETWORKS or "state_dict" not in checkpoint:
-        raise ConfigError(f"checkpoint {path} was not written by `fmnist-pl fit` (no network or weights in it)")
-    weights = {k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items() if k.startswith("network.")}
-    try:
-        NETWORKS[network](**(checkpoint["hyper_parameters"].get("network_options") or {})).load_state_dict(weights)
-    except (RuntimeError, TypeError) as e:  # TypeError: options the current network no longer takes
-        raise ConfigError(
-            f"checkpoint {path}: its weights do not fit the current {network!r} architecture ({first_line(e)})"
-        ) from e
-    return checkpoint
 
 
 # Constraints on the module's options, in their types: the CLI (jsonargparse) checks them as it parses, and

@@ -1,15 +1,19 @@
 """The architectures, as plain nn.Modules, in one registry: the study's two networks and a modern small CNN.
 
 Adding a network is one class decorated with `@register("name")` plus its config file(s) `<profile>_<name>.yaml`;
-the CLI, the pipeline, the report and the tests take the list of networks from `NETWORKS`.
+the CLI, the pipeline, the report and the tests take the list of networks from `NETWORKS`. Torch alone, no
+Lightning: the pipeline's own process sizes and checks networks with these and never loads Lightning.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from fmnist_pl.errors import ConfigError, first_line
 
 NETWORKS: dict[str, type[nn.Module]] = {}
 
@@ -207,3 +211,39 @@ class BatchNormCNN(nn.Module):
 def count_trainable_parameters(network: nn.Module) -> int:
     """Number of trainable parameters, as Keras' model.summary() counts them."""
     return sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+
+def forward_flops(network: nn.Module) -> int:
+    """FLOPs of one image's forward pass (a multiply-add counts 2), as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parameter = next(network.parameters())
+    was_training = network.training
+    network.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        network(torch.zeros(1, 1, 28, 28, device=parameter.device, dtype=parameter.dtype))
+    network.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by `fmnist-pl fit`, checked: loadable, and its weights fit the current architecture of
+    the network it names. Anything else is one ConfigError naming the file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, random bytes, not a zip: torch raises many kinds of error for these
+        raise ConfigError(
+            f"checkpoint {path} is damaged or not a checkpoint ({type(e).__name__}); "
+            "pass a .ckpt file written by `fmnist-pl fit`"
+        ) from e
+    network = checkpoint.get("hyper_parameters", {}).get("network") if isinstance(checkpoint, dict) else None
+    if network not in NETWORKS or "state_dict" not in checkpoint:
+        raise ConfigError(f"checkpoint {path} was not written by `fmnist-pl fit` (no network or weights in it)")
+    weights = {k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items() if k.startswith("network.")}
+    try:
+        NETWORKS[network](**(checkpoint["hyper_parameters"].get("network_options") or {})).load_state_dict(weights)
+    except (RuntimeError, TypeError) as e:  # TypeError: options the current network no longer takes
+        raise ConfigError(
+            f"checkpoint {path}: its weights do not fit the current {network!r} architecture ({first_line(e)})"
+        ) from e
+    return checkpoint

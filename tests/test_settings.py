@@ -162,6 +162,22 @@ def test_importing_the_package_changes_nothing_global() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_the_pipeline_s_own_process_never_loads_lightning() -> None:
+    """The flow's process (the script, a Prefect worker's flow run, a Dask worker's tasks) runs every step as an
+    `fmnist-pl` subprocess. Lightning would only slow its start (1.3 s of imports), and errors.USER_ERRORS can
+    leave Lightning's errors out because none can be raised there."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, fmnist_pl.pipeline.launch, fmnist_pl.pipeline.tasks, fmnist_pl.pipeline.flow; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'torchmetrics', 'jsonargparse'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", f"the pipeline's process loads {result.stdout.strip()}"
+
+
 def test_cpu_threads_follow_training_cost_and_use_every_core() -> None:
     shares = scheduling.cpu_thread_shares
     costs = {"dense": 1.2e12, "cnn": 0.5e12, "bn_cnn": 11e12}  # one clearly dominant training

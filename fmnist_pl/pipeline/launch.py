@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect.settings import temporary_settings
 
 from fmnist_pl import layout
-from fmnist_pl.cli import USER_ERRORS, quiet_known_warnings
+from fmnist_pl.errors import USER_ERRORS
 from fmnist_pl.io import place_error
 from fmnist_pl.pipeline.flow import full_pipeline
 from fmnist_pl.pipeline.prefect_server import prefect_api, prefect_defaults
@@ -61,7 +61,6 @@ def say_stopped(code: int) -> None:
 def launch(args: argparse.Namespace, settings: PipelineSettings) -> None:
     """Run the pipeline once (or serve it) with checked options: the run's Prefect server, signals that stop it,
     one line for a failure or a stop, and the closing table."""
-    quiet_known_warnings()
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(OneLineFailures())
     signal.signal(signal.SIGTERM, stop_on_signal)

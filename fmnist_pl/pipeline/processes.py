@@ -26,7 +26,7 @@ import psutil
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
-from fmnist_pl.callbacks import EPOCH_LINE_PREFIX
+from fmnist_pl.layout import EPOCH_LINE_PREFIX
 
 if TYPE_CHECKING:
     from fmnist_pl.pipeline.run_record import RunRecord

@@ -19,9 +19,8 @@ from collections.abc import Iterator
 
 import yaml
 
-from fmnist_pl.callbacks import forward_flops
 from fmnist_pl.hardware import on_cpu
-from fmnist_pl.networks import NETWORKS
+from fmnist_pl.networks import NETWORKS, forward_flops
 from fmnist_pl.pipeline.processes import stopping
 from fmnist_pl.pipeline.settings import PipelineSettings
 

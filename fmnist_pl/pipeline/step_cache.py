@@ -26,7 +26,7 @@ from pathlib import Path
 from fmnist_pl import __version__
 from fmnist_pl.errors import ConfigError
 from fmnist_pl.io import file_sha256, write_text_atomic
-from fmnist_pl.module import read_checkpoint
+from fmnist_pl.networks import read_checkpoint
 from fmnist_pl.pipeline.processes import run_logger, stopping
 from fmnist_pl.pipeline.run_record import DataRecord, StepResult
 

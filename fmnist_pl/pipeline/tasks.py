@@ -19,8 +19,7 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import exponential_backoff
 
 from fmnist_pl import layout
-from fmnist_pl.cli import USER_ERRORS
-from fmnist_pl.errors import DownloadError
+from fmnist_pl.errors import USER_ERRORS, DownloadError
 from fmnist_pl.fashion_mnist import load_dataset
 from fmnist_pl.io import naming_place, place_error
 from fmnist_pl.pipeline.processes import BadInputError, current_run, log_into, run_step_command, stopping

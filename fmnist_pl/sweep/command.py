@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> SweepSettings:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python flows/sweep.py`."""
     settings = parse_args(argv)
-    from fmnist_pl.cli import USER_ERRORS, quiet_known_warnings
+    from fmnist_pl.cli import quiet_known_warnings
+    from fmnist_pl.errors import USER_ERRORS
     from fmnist_pl.pipeline.launch import STOP_SIGNALS, OneLineFailures, stop_on_signal
     from fmnist_pl.pipeline.prefect_server import prefect_api
     from fmnist_pl.pipeline.processes import BadInputError, stop_children
