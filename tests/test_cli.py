@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import N_TEST, N_TRAIN, tiny_args
+from conftest import N_TEST, N_TRAIN, TINY_RUN_SEEDS, tiny_args, tiny_run_settings
 
 from fmnist_pl import layout
 from fmnist_pl.cli import main
@@ -24,6 +24,13 @@ def fit(data: Path, out: Path, *extra: str) -> Path:
     """Run `fmnist-pl fit` on the tiny data; return the run folder."""
     main(["fit", *tiny_args(data, out, "--trainer.logger.init_args.version=fit", *extra)])
     return out / "runs" / "fit"
+
+
+def shared_fit(tiny_run: Path, network: str) -> tuple[Path, str]:
+    """The tiny data and `--ckpt_path` of the network's first-seed fit in the shared pipeline run: `fmnist-pl fit`
+    with its packaged fast config (options after the config override it: 2 epochs), as a user runs it."""
+    training = layout.RunFolder(tiny_run).training(network, TINY_RUN_SEEDS[0])
+    return Path(tiny_run_settings(tiny_run).data_dir), f"--ckpt_path={training.path / layout.BEST_CHECKPOINT}"
 
 
 def epoch_metrics(run: Path) -> pd.DataFrame:
@@ -59,17 +66,9 @@ def test_fit_then_test_from_the_checkpoint(tiny_data: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.integration
-def test_evaluate_writes_what_test_and_predict_write_in_one_command(tiny_data: Path, tmp_path: Path) -> None:
+def test_evaluate_writes_what_test_and_predict_write_in_one_command(tiny_run: Path, tmp_path: Path) -> None:
     config = f"--config={profile_config('fast', 'bn_cnn')}"  # a network evaluated with flip TTA
-    main(
-        [
-            "fit",
-            config,
-            *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit"),
-            "--trainer.max_epochs=1",
-        ]
-    )
-    checkpoint = f"--ckpt_path={tmp_path / 'runs' / 'fit' / 'checkpoints' / 'best.ckpt'}"
+    tiny_data, checkpoint = shared_fit(tiny_run, "bn_cnn")
     for command in ("test", "predict"):
         main(
             [
@@ -116,21 +115,11 @@ def test_evaluate_writes_what_test_and_predict_write_in_one_command(tiny_data: P
 
 @pytest.mark.integration
 @pytest.mark.parametrize("network", list(NETWORKS))
-def test_every_registered_network_fits_tests_and_predicts_from_its_packaged_config(
-    tiny_data: Path, tmp_path: Path, network: str
+def test_every_registered_network_tests_and_predicts_from_its_packaged_config(
+    tiny_run: Path, tmp_path: Path, network: str
 ) -> None:
     config = f"--config={profile_config('fast', network)}"
-    # The config first: options after it override it, as on the command line.
-    main(
-        [
-            "fit",
-            config,
-            *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=fit"),
-            "--trainer.max_epochs=1",
-        ]
-    )
-    run = tmp_path / "runs" / "fit"
-    checkpoint = f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}"
+    tiny_data, checkpoint = shared_fit(tiny_run, network)
     main(["test", config, *tiny_args(tiny_data, tmp_path, "--trainer.logger.init_args.version=test"), checkpoint])
     metrics = json.loads((tmp_path / "runs" / "test" / "test_metrics.json").read_text())
     assert metrics["network"] == network and metrics["images"] == N_TEST
